@@ -1,0 +1,84 @@
+"""Task families: what a method's predictions look like, how they are scored, and the primary
+metric that Tune and the model registry rank by.
+
+Metric names follow one scheme, ``{split}/{metric}`` (``val/top1``, ``val/mAP``...); evaluators
+return bare names (``top1``) and the caller adds the split.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+_TASKS: dict[str, TaskFamily] = {}
+
+
+class Evaluator(ABC):
+    """Accumulates over batches; ``compute`` reduces across workers when a process group exists."""
+
+    @abstractmethod
+    def update(self, predictions: Any, batch: Any) -> None: ...
+
+    @abstractmethod
+    def compute(self) -> dict[str, float]: ...
+
+
+class TaskFamily(ABC):
+    name: str
+    primary_metric: str  # bare name, e.g. "top1"
+    higher_is_better: bool = True
+
+    @abstractmethod
+    def dataset(self, root: Path, split: str, train: bool) -> Dataset: ...
+
+    @abstractmethod
+    def evaluator(self, num_classes: int) -> Evaluator: ...
+
+    @abstractmethod
+    def sample_figure(self, sample: tuple[Any, Any], classes: tuple[str, ...], path: Path) -> None:
+        """Write a PNG of ``(batch, predictions)`` drawn for a person to look at."""
+
+    def collate(self) -> Callable[[list[Any]], Any] | None:
+        """A DataLoader ``collate_fn``; ``None`` means PyTorch's default."""
+        return None
+
+    @staticmethod
+    def to_device(batch: Any, device: torch.device) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(TaskFamily.to_device(b, device) for b in batch)
+        if isinstance(batch, dict):
+            return {k: TaskFamily.to_device(v, device) for k, v in batch.items()}
+        return batch
+
+
+def register_task(task: TaskFamily) -> TaskFamily:
+    if task.name in _TASKS:
+        raise ValueError(f"task family {task.name!r} is already registered")
+    _TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> TaskFamily:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task family {name!r}; available: {', '.join(sorted(_TASKS)) or 'none'}") from None
+
+
+def available_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all workers (no-op without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.clone()
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return values

@@ -1,0 +1,127 @@
+"""MLflow conventions: where runs go, what they are tagged with, and how models are registered.
+
+- experiment per dataset and task family: ``<dataset>/<task>``;
+- one run per training run (``runs.<name>`` in params), named after it;
+- lineage tags: method, task, dataset, stage, git commit, prepared data checksum, fingerprint;
+- the model registered as ``<dataset>-<method>``; the version with the best primary metric
+  carries the alias ``champion``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import flatten
+
+CHAMPION = "champion"
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|api[_-]?key|access[_-]?key|auth)", re.I)
+REDACTED = "<redacted>"
+
+
+@dataclass
+class MlflowParams:
+    """``mlflow`` in params.yaml; ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    registry_uri: str | None = None
+    telemetry: bool = False  # MLflow's usage telemetry; off unless a user opts in
+    register_models: bool = True
+    champion_alias: str = CHAMPION
+
+
+def resolve_tracking_uri(cfg: MlflowParams, base_dir: str | Path = ".") -> str:
+    """The tracking URI to use; a relative ``sqlite:///`` path is made absolute so Ray workers
+    (which run in other directories) write to the same database."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str((Path(base_dir) / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def apply_privacy_defaults(telemetry: bool) -> None:
+    """Switch off MLflow's usage telemetry unless params opt in; a value already set in the
+    environment by the user is respected."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "false" if telemetry else "true")
+
+
+def experiment_name(dataset: str, task: str) -> str:
+    return f"{dataset}/{task}"
+
+
+def registered_model_name(dataset: str, method: str) -> str:
+    return f"{dataset}-{method}"
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """The checked-out commit (``+dirty`` when tracked files changed), or ``unknown`` outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    """Flattened params with values of secret-looking keys replaced."""
+    return {k: (REDACTED if _SECRET_KEY.search(k) else v) for k, v in flatten(params).items()}
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Log a nested config as flattened, redacted params (in batches of 100, MLflow's limit)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(redact(params).items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def find_resumable_run(client, experiment_id: str, fingerprint: str) -> str | None:
+    """The newest unfinished run with this fingerprint (crashed or failed), if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.fingerprint = '{fingerprint}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if runs and runs[0].info.status != "FINISHED":
+        return runs[0].info.run_id
+    return None
+
+
+def metric_is_better(new: float, old: float, higher_is_better: bool) -> bool:
+    return new > old if higher_is_better else new < old
+
+
+def update_champion(
+    client, model_name: str, version: str, metric_key: str, value: float, higher_is_better: bool, alias: str
+) -> bool:
+    """Give ``version`` the alias if its metric beats the current holder's; return whether it did."""
+    from mlflow.exceptions import MlflowException
+
+    client.set_model_version_tag(model_name, version, metric_key, str(value))
+    try:
+        current = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        current = None
+    if current is not None and current.version != str(version):
+        old = current.tags.get(metric_key)
+        if old is not None and not metric_is_better(value, float(old), higher_is_better):
+            return False
+    client.set_registered_model_alias(model_name, alias, str(version))
+    return True

@@ -1,0 +1,255 @@
+"""The generic training loop, run by every Ray Train worker for every method.
+
+It knows the method only through the contract in ``components.methods.base`` and the task
+family only through ``components.tasks``. Per epoch: train on this worker's shard of the global
+batch, validate with the task's evaluator (counts reduced across workers), then report metrics
+and a checkpoint to Ray Train. Rank 0 writes the checkpoint and logs metrics to MLflow, after
+the report returns, so a resumed run never holds two points for one epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from components.data.canonical import read_info
+from components.tasks import get_task
+from components.training.optim import build_optimizer, build_scheduler
+from components.training.spec import RunSpec
+
+STATE_FILE = "state.pt"
+BEST_MODEL_FILE = "best_model.pt"
+HISTORY_FILE = "history.json"
+
+
+class FaultDrill(RuntimeError):
+    """Raised on purpose by ``training.failure.fail_at_epoch`` to exercise recovery."""
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    spec = RunSpec.from_payload(payload["spec"])
+    cfg = spec.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+
+    method = spec.create_method()
+    task = get_task(method.task)
+    root = Path(payload["data_root"])
+    info = read_info(root)
+
+    _seed_all(cfg.seed)  # same initial weights on every worker
+    model = method.build(info)
+    if on_gpu and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    train_set = task.dataset(root, "train", train=True)
+    val_set = task.dataset(root, "val", train=False)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    per_worker = cfg.batch_size // world
+    train_loader = DataLoader(
+        train_set,
+        batch_size=per_worker,
+        sampler=sampler,
+        num_workers=cfg.loader_workers,
+        collate_fn=task.collate(),
+        drop_last=True,
+        pin_memory=on_gpu,
+    )
+    # Every worker scores a disjoint slice of the validation set (no padding duplicates);
+    # the evaluator sums counts across workers, so the score is exact.
+    val_loader = DataLoader(
+        Subset(val_set, range(rank, len(val_set), world)),
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.loader_workers,
+        collate_fn=task.collate(),
+    )
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"{root}: the train split has {len(train_set)} samples, fewer than one global batch "
+            f"({cfg.batch_size}); lower runs.{spec.name}.training.batch_size"
+        )
+
+    optimizer = build_optimizer(core, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs, len(train_loader))
+    primary = f"val/{task.primary_metric}"
+    amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (on_gpu and cfg.amp) else None
+
+    tracker = _RankZeroTracker(payload.get("mlflow"), rank)
+    start_epoch, best, history, best_state = 0, None, [], None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+            history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
+            if rank == 0:
+                best_state = torch.load(Path(ckpt_dir) / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        _set_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        tracker.backfill(history)
+        tracker.tag("resumed_from_epoch", str(state["epoch"]))
+    else:
+        _seed_all(cfg.seed + rank)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.failure.fail_at_epoch == epoch and restored is None:
+            raise FaultDrill(f"fault drill: training.failure.fail_at_epoch={epoch} on a run not resumed yet")
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        for batch in train_loader:
+            batch = task.to_device(batch, device)
+            with amp if amp is not None else contextlib.nullcontext():
+                losses = method.training_step(model, batch)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, torch.zeros((), device=device)) + value.detach().float()
+            steps += 1
+        train_time = time.perf_counter() - t0
+        metrics: dict[str, float] = {"epoch": float(epoch)}
+        names = sorted(sums)
+        reduced = _all_reduce_mean(torch.stack([sums[n] for n in names]) / steps)
+        metrics.update({f"train/{n}": float(v) for n, v in zip(names, reduced, strict=True)})
+        metrics["train/loss"] = float(reduced.sum())
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["time/train_epoch_s"] = train_time
+        metrics["throughput/train_images_per_s"] = steps * cfg.batch_size / train_time
+
+        core.eval()
+        evaluator = task.evaluator(info.num_classes)
+        with torch.no_grad(), amp if amp is not None else contextlib.nullcontext():
+            for batch in val_loader:
+                batch = task.to_device(batch, device)
+                evaluator.update(method.predict(core, batch), batch)
+        metrics.update({f"val/{k}": v for k, v in evaluator.compute().items()})
+        metrics["time/epoch_s"] = time.perf_counter() - t0
+
+        improved = best is None or (metrics[primary] > best if task.higher_is_better else metrics[primary] < best)
+        if improved:
+            best = metrics[primary]
+        metrics[f"best/{task.primary_metric}"] = best
+        history.append(metrics)
+        rng_states = _gather_rng()
+        if rank == 0:
+            if improved or best_state is None:
+                best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+            with tempfile.TemporaryDirectory() as tmp:
+                state = {
+                    "model": core.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": None,  # bf16 autocast needs no grad scaler
+                    "epoch": epoch,
+                    "best": best,
+                    "rng": rng_states,
+                }
+                torch.save(state, Path(tmp) / STATE_FILE)
+                torch.save(best_state, Path(tmp) / BEST_MODEL_FILE)
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            tracker.log(metrics, step=epoch)
+        else:
+            ray.train.report(metrics)
+
+
+class _RankZeroTracker:
+    """Logs to the driver's MLflow run from rank 0 only; a no-op elsewhere or without a run."""
+
+    def __init__(self, mlflow_cfg: dict[str, str] | None, rank: int) -> None:
+        self.run_id = None
+        if mlflow_cfg and rank == 0:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(mlflow_cfg["tracking_uri"], mlflow_cfg.get("registry_uri"))
+            self.run_id = mlflow_cfg["run_id"]
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.run_id is not None:
+            self.client.set_tag(self.run_id, key, value)
+
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """Log checkpointed epochs that did not reach MLflow before a crash."""
+        if self.run_id is None or not history:
+            return
+        key = next(k for k in history[-1] if k.startswith("val/"))
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        for metrics in history:
+            if int(metrics["epoch"]) not in logged:
+                self.log(metrics, step=int(metrics["epoch"]))
+
+
+def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.clone()
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+        values /= torch.distributed.get_world_size()
+    return values.cpu()
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _get_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng() -> list[dict[str, Any]]:
+    """Every worker's RNG state, in rank order (so each resumes with its own)."""
+    mine = _get_rng()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, mine)
+        return out
+    return [mine]

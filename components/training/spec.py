@@ -1,0 +1,156 @@
+"""What one training run is, read from ``params.yaml``.
+
+``training`` holds the defaults of the generic loop; ``runs.<name>`` picks a method and dataset,
+gives the method's typed config under ``config`` and may override any key of ``training``::
+
+    training: {epochs: 10, optimizer: {lr: 0.05}}
+    runs:
+      classifier_gc:
+        method: classifier
+        dataset: digits
+        config: {widths: [16, 32, 64]}
+        training: {optimizer: {gradient_centralization: true}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from components.config import ConfigError, deep_merge, from_dict, section, to_dict
+from components.methods import Method, create_method
+from components.training.optim import OptimizerConfig, SchedulerConfig
+
+
+@dataclass
+class ScalingParams:
+    """Ray Train ``ScalingConfig``: workers, CPU or GPU, resources per worker."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    accelerator_type: str | None = None
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+
+
+@dataclass
+class FailureParams:
+    max_failures: int = 2  # worker/node failures Ray Train recovers from, resuming from a checkpoint
+    fail_at_epoch: int | None = None  # fault drill: the first attempt of the run raises at this epoch
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 10
+    batch_size: int = 64  # global: split evenly across workers, so results do not depend on the count
+    eval_batch_size: int = 256
+    seed: int = 0
+    loader_workers: int = 0
+    amp: bool = True  # bf16 autocast, on GPU only
+    channels_last: bool = True  # on GPU only
+    checkpoints_to_keep: int = 2
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scaling: ScalingParams = field(default_factory=ScalingParams)
+    failure: FailureParams = field(default_factory=FailureParams)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if self.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by scaling.num_workers {self.scaling.num_workers}"
+            )
+
+
+@dataclass
+class RunEntry:
+    method: str
+    dataset: str
+    config: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSpec:
+    """A resolved, validated run: everything the training loop needs besides the data."""
+
+    name: str
+    method: str
+    dataset: str
+    method_config: dict[str, Any]
+    training: TrainingConfig
+    source: str = "params.yaml"
+
+    def create_method(self) -> Method:
+        return create_method(self.method, self.method_config, source=self.source, key=f"runs.{self.name}.config")
+
+    def resolved(self) -> dict[str, Any]:
+        """The full resolved configuration (method config with its defaults filled in)."""
+        return {
+            "run": self.name,
+            "method": self.method,
+            "dataset": self.dataset,
+            "config": to_dict(self.create_method().cfg),
+            "training": to_dict(self.training),
+        }
+
+    def fingerprint(self, data_checksum: str) -> str:
+        """Identifies the run's inputs; a restarted stage with the same fingerprint resumes.
+
+        Settings of how a run is executed, not of what it computes (failure handling, the fault
+        drill, checkpoint retention, loader processes), are left out, so a run restarted with
+        more retries still resumes.
+        """
+        resolved = self.resolved()
+        for key in ("failure", "checkpoints_to_keep", "loader_workers"):
+            resolved["training"].pop(key)
+        resolved["data_checksum"] = data_checksum
+        blob = json.dumps(resolved, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def to_payload(self) -> dict[str, Any]:
+        """Plain-data form, sent to Ray workers."""
+        return {
+            "name": self.name,
+            "method": self.method,
+            "dataset": self.dataset,
+            "method_config": self.method_config,
+            "training": to_dict(self.training),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> RunSpec:
+        training = from_dict(TrainingConfig, payload["training"], source=payload["source"], key="training")
+        return cls(
+            name=payload["name"],
+            method=payload["method"],
+            dataset=payload["dataset"],
+            method_config=payload["method_config"],
+            training=training,
+            source=payload["source"],
+        )
+
+
+def load_run_spec(params: dict[str, Any], run: str, source: str = "params.yaml") -> RunSpec:
+    """Validate ``runs.<run>`` (method, config) and ``training`` merged with its overrides."""
+    runs = section(params, "runs", source)
+    if run not in runs:
+        raise ConfigError(source, f"runs.{run}", f"no such run; runs in the file: {', '.join(runs)}")
+    entry = from_dict(RunEntry, runs[run], source=source, key=f"runs.{run}")
+    defaults = params.get("training") or {}
+    from_dict(TrainingConfig, defaults, source=source, key="training")  # errors in defaults name them
+    training = from_dict(
+        TrainingConfig, deep_merge(defaults, entry.training), source=source, key=f"runs.{run}.training"
+    )
+    spec = RunSpec(run, entry.method, entry.dataset, entry.config, training, os.fspath(source))
+    spec.create_method()  # validates the method name and its config now, not inside a worker
+    return spec

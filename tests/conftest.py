@@ -1,0 +1,60 @@
+"""Shared fixtures: the real params.yaml shrunk to seconds, a tiny generated dataset, one Ray."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+from components.config import load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
+    """The real params with every run cut to a few seconds on CPU."""
+    p = copy.deepcopy(params)
+    digits = p["datasets"]["digits"]
+    digits.update(max_per_class=6, crop_size=16)
+    t = p["training"]
+    t.update(epochs=epochs, batch_size=16, eval_batch_size=64)
+    t["scaling"].update(num_workers=workers, use_gpu=False)
+    t["scheduler"]["warmup_epochs"] = 0.0
+    for run in p["runs"].values():
+        run["config"] = {**run.get("config", {}), "widths": [8, 16], "blocks": [1, 1]}
+    return p
+
+
+@pytest.fixture(scope="session")
+def params() -> dict:
+    return load_yaml(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(params) -> dict:
+    return shrink(params)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, tiny_params) -> Path:
+    from components.config import from_dict
+    from components.data import digits
+
+    cfg = from_dict(digits.DigitsConfig, tiny_params["datasets"]["digits"], source="test")
+    out = tmp_path_factory.mktemp("data") / "digits"
+    digits.generate(out, cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,66 @@
+"""The whole pipeline: `dvc repro` in a temporary copy of the project with shrunk params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, shrink
+
+pytestmark = pytest.mark.slow
+
+
+def _copy_project(dst: Path) -> None:
+    for name in ("components", "pipelines", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst / name)
+
+
+def _dvc(cwd: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
+    dvc = Path(sys.executable).with_name("dvc")
+    return subprocess.run([str(dvc), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_dvc_repro_end_to_end(tmp_path, params):
+    project = tmp_path / "project"
+    project.mkdir()
+    _copy_project(project)
+    (project / "params.yaml").write_text(yaml.safe_dump(shrink(params, epochs=1), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(project)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    assert _dvc(project, "init", "-q", env=env).returncode == 0
+
+    first = _dvc(project, "repro", env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("prepare@digits", "train@classifier", "train@classifier_gc"):
+        assert f"Running stage '{stage}'" in first.stdout
+
+    db = sqlite3.connect(project / "mlflow.db")
+    runs = db.execute("select name, status from runs").fetchall()
+    assert sorted(runs) == [("classifier", "FINISHED"), ("classifier_gc", "FINISHED")]
+    steps = db.execute("select count(*) from metrics where key = 'val/top1'").fetchone()[0]
+    assert steps == 2  # one epoch each
+    alias = db.execute("select name, alias from registered_model_aliases").fetchall()
+    assert alias == [("digits-classifier", "champion")]
+    for run in ("classifier", "classifier_gc"):
+        assert (project / "results" / run / "metrics.json").is_file()
+        assert (project / "models" / run / "model.pt").is_file()
+    assert (project / "dvc.lock").is_file()
+
+    second = _dvc(project, "repro", env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Running stage" not in second.stdout, second.stdout
+    status = _dvc(project, "status", env=env)
+    assert "up to date" in status.stdout, status.stdout

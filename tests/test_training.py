@@ -1,0 +1,117 @@
+"""Ray Train + MLflow: a run is tracked, checkpointed, and resumes where it stopped.
+
+These start Ray Train worker groups (two workers, DDP over gloo) on a tiny dataset.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from components.training.driver import load_platform, train
+from components.training.spec import load_run_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def platform(tmp_path, tiny_params, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CVFLOW_STORAGE_PATH", raising=False)
+    p = copy.deepcopy(tiny_params)
+    p["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    p["storage"]["path"] = str(tmp_path / "ray_results")
+    return load_platform(p)
+
+
+def _spec(params, run="classifier", **training):
+    p = copy.deepcopy(params)
+    p["runs"][run].setdefault("training", {})
+    for key, value in training.items():
+        section, _, leaf = key.rpartition(".")
+        node = p["runs"][run]["training"]
+        for part in filter(None, section.split(".")):
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return load_run_spec(p, run)
+
+
+def _client(platform):
+    import mlflow
+
+    return mlflow.MlflowClient(platform.mlflow.tracking_uri)
+
+
+def _steps(client, run_id, key="val/top1"):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _run(spec, platform, data, tmp_path, tag):
+    return train(spec, platform, data, tmp_path / tag / "model", tmp_path / tag / "results")
+
+
+def test_tracked_run_registers_champion(ray_session, tiny_dataset, tiny_params, platform, tmp_path):
+    spec = _spec(tiny_params, epochs=2)
+    out = _run(spec, platform, tiny_dataset, tmp_path, "a")
+    client = _client(platform)
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["method"] == "classifier" and tags["dataset"] == "digits" and tags["task"] == "classification"
+    assert len(tags["data_checksum"]) == 64 and tags["git_commit"]
+    assert run.data.params["training.optimizer.lr"] == str(spec.training.optimizer.lr)
+    assert _steps(client, out.run_id) == [0, 1]
+    assert "test/top1" in run.data.metrics
+    version = client.get_model_version_by_alias("digits-classifier", "champion")
+    assert version.run_id == out.run_id
+    artifacts = {a.path for a in client.list_artifacts(out.run_id)}
+    assert {"config.yaml", "metrics.json", "curves.png", "test_predictions.png"} <= artifacts
+    assert (tmp_path / "a" / "model" / "model.pt").is_file()
+    # the champion moves only to a better version
+    worse = _spec(tiny_params, epochs=1, **{"optimizer.lr": 1e-6})
+    second = _run(worse, platform, tiny_dataset, tmp_path, "b")
+    assert second.best_val < out.best_val and not second.champion
+    assert client.get_model_version_by_alias("digits-classifier", "champion").run_id == out.run_id
+
+
+def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_one_would(
+    ray_session, tiny_dataset, tiny_params, platform, tmp_path
+):
+    client = _client(platform)
+    reference = _run(_spec(tiny_params, epochs=3), platform, tiny_dataset, tmp_path, "ref")
+
+    # The driver's run fails at epoch 2 (after the checkpoint of epoch 1) with no retries left.
+    crashing = _spec(tiny_params, epochs=3, **{"failure.fail_at_epoch": 2, "failure.max_failures": 0})
+    with pytest.raises(Exception, match="fault drill"):
+        _run(crashing, platform, tiny_dataset, tmp_path, "crash")
+    failed = client.search_runs(
+        [client.get_run(reference.run_id).info.experiment_id], filter_string="attributes.status = 'FAILED'"
+    )
+    assert len(failed) == 1 and _steps(client, failed[0].info.run_id) == [0, 1]
+
+    # Restarting the stage reopens that run and continues from the checkpoint.
+    resumed = _run(_spec(tiny_params, epochs=3), platform, tiny_dataset, tmp_path, "resume")
+    assert resumed.resumed and resumed.run_id == failed[0].info.run_id
+    run = client.get_run(resumed.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "1"
+    assert _steps(client, resumed.run_id) == [0, 1, 2]  # no epoch logged twice
+    # model, optimiser, scheduler and RNG state restored: the same numbers as without the crash
+    for a, b in zip(reference.history, resumed.history, strict=True):
+        for key in ("train/loss", "val/top1", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["epoch"])
+    ref_w = torch.load(tmp_path / "ref" / "model" / "model.pt", weights_only=True)
+    res_w = torch.load(tmp_path / "resume" / "model" / "model.pt", weights_only=True)
+    for key in ref_w:
+        torch.testing.assert_close(ref_w[key], res_w[key], rtol=1e-4, atol=1e-5)
+
+
+def test_worker_failure_recovers_within_the_run(ray_session, tiny_dataset, tiny_params, platform, tmp_path):
+    """FailureConfig: a worker error restarts the worker group from the last checkpoint."""
+    spec = _spec(tiny_params, epochs=3, **{"failure.fail_at_epoch": 1, "failure.max_failures": 1})
+    out = _run(spec, platform, tiny_dataset, tmp_path, "ft")
+    client = _client(platform)
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "0"
+    assert _steps(client, out.run_id) == [0, 1, 2] and len(out.history) == 3
