@@ -119,7 +119,7 @@ def update_champion(
         current = client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
         current = None
-    if current is not None and current.version != str(version):
+    if current is not None and str(current.version) != str(version):
         old = current.tags.get(metric_key)
         if old is not None and not metric_is_better(value, float(old), higher_is_better):
             return False
