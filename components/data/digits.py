@@ -110,7 +110,7 @@ def render_digit(
     ink = Image.fromarray((digit * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
     ink = ink.rotate(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg), Image.BILINEAR, expand=True)
     # Bicubic upscaling leaves faint ink around the 8x8 cell's border; cut it so no square shows.
-    ink_arr = np.clip((np.asarray(ink, dtype=np.float32) / 255.0 - 0.15) / 0.85, 0.0, 1.0)
+    ink_arr = np.clip((np.asarray(ink, dtype=np.float32) / 255.0 - 0.25) / 0.6, 0.0, 1.0)
     alpha = np.zeros((size, size), dtype=np.float32)
     h, w = ink_arr.shape
     shift = cfg.max_shift * size
