@@ -61,3 +61,15 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
     assert uri == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.resolve_tracking_uri(tracking.MlflowParams(), tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_telemetry_off_by_default_and_switchable(monkeypatch):
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    tracking.apply_privacy_defaults(telemetry=False)
+    assert tracking.os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY")
+    tracking.apply_privacy_defaults(telemetry=True)
+    assert tracking.os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # the user's own setting is kept
+    tracking.apply_privacy_defaults(telemetry=True)
+    assert tracking.os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"

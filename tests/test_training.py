@@ -86,6 +86,7 @@ def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_one_would
         [client.get_run(reference.run_id).info.experiment_id], filter_string="attributes.status = 'FAILED'"
     )
     assert len(failed) == 1 and _steps(client, failed[0].info.run_id) == [0, 1]
+    assert "fault drill" in failed[0].data.tags["error"]
 
     # Restarting the stage reopens that run and continues from the checkpoint.
     resumed = _run(_spec(tiny_params, epochs=3), platform, tiny_dataset, tmp_path, "resume")

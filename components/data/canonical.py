@@ -219,14 +219,17 @@ class DatasetInfo:
         return len(self.classes)
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
+def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
     if not path.is_file():
-        raise DatasetError(f"{path}: no manifest; run the prepare stage for this dataset first")
+        raise DatasetError(f"{path}: {missing}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: malformed manifest ({exc})") from None
+        raise DatasetError(f"{path}: malformed {what} ({exc})") from None
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    return _read_json(Path(root) / MANIFEST, "manifest", "no manifest; run the prepare stage for this dataset first")
 
 
 def read_info(root: str | Path) -> DatasetInfo:
@@ -247,12 +250,7 @@ def read_info(root: str | Path) -> DatasetInfo:
 def read_split(root: str | Path, view: str, split: str) -> dict[str, Any]:
     """The COCO dict of one split of one view."""
     path = Path(root) / view / f"{split}.json"
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing; the dataset has no split {split!r} in view {view!r}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path}: malformed COCO JSON ({exc})") from None
+    return _read_json(path, "COCO JSON", f"missing; the dataset has no split {split!r} in view {view!r}")
 
 
 def verify_checksums(root: str | Path) -> None:

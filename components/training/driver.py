@@ -143,52 +143,61 @@ def train(
         try:
             mlflow_payload = {"tracking_uri": uri, "registry_uri": platform.mlflow.registry_uri, "run_id": run_id}
             result = fit(spec, platform, info, f"{spec.name}-{run_id[:12]}", mlflow_payload)
+            outcome = _finish(spec, platform, client, method, task, info, resolved, result, model_dir, results_dir)
         except Exception as exc:
             # The run ends FAILED (start_run's context); say why where the run is looked at.
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             raise
-        with result.checkpoint.as_directory() as ckpt_dir:
-            best_state = torch.load(Path(ckpt_dir) / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
-            history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
+    return RunOutcome(run_id, resume_id is not None, **outcome)
 
-        model = method.build(info)
-        model.load_state_dict(best_state)
-        model.eval()
-        test_metrics, sample = _evaluate(method, task, model, info, "test")
-        test_metrics = {f"test/{k}": v for k, v in test_metrics.items()}
-        mlflow.log_metrics(test_metrics, step=spec.training.epochs)
-        best_val = (
-            max(h[f"val/{task.primary_metric}"] for h in history)
-            if task.higher_is_better
-            else min(h[f"val/{task.primary_metric}"] for h in history)
+
+def _finish(spec, platform, client, method, task, info, resolved, result, model_dir, results_dir) -> dict[str, Any]:
+    """Score the best checkpoint on the test split; write, log and register what the run made."""
+    import mlflow
+
+    with result.checkpoint.as_directory() as ckpt_dir:
+        best_state = torch.load(Path(ckpt_dir) / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
+        history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
+    model = method.build(info)
+    model.load_state_dict(best_state)
+    model.eval()
+    test_metrics, sample = _evaluate(method, task, model, info, "test")
+    test_metrics = {f"test/{k}": v for k, v in test_metrics.items()}
+    mlflow.log_metrics(test_metrics, step=spec.training.epochs)
+    best_val = history[-1][f"best/{task.primary_metric}"]
+
+    model_dir, results_dir = Path(model_dir), Path(results_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(best_state, model_dir / "model.pt")
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    summary = {
+        "run": spec.name,
+        "method": spec.method,
+        "mlflow_run_id": mlflow.active_run().info.run_id,
+        f"best_val/{task.primary_metric}": best_val,
+        **test_metrics,
+        "epochs": len(history),
+    }
+    (results_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_history_csv(history, results_dir / "history.csv")
+    figures.training_curves(history, results_dir / "curves.png")
+    task.sample_figure(sample, info.classes, results_dir / "test_predictions.png")
+    for name in ("metrics.json", "history.csv", "curves.png", "test_predictions.png"):
+        mlflow.log_artifact(str(results_dir / name))
+
+    version, champion = None, False
+    if platform.mlflow.register_models:
+        version, champion = _log_and_register(
+            client, method, model, info, spec.dataset, f"val/{task.primary_metric}", best_val, task, platform
         )
-
-        model_dir, results_dir = Path(model_dir), Path(results_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(best_state, model_dir / "model.pt")
-        (model_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        summary = {
-            "run": spec.name,
-            "method": spec.method,
-            "mlflow_run_id": run_id,
-            f"best_val/{task.primary_metric}": best_val,
-            **test_metrics,
-            "epochs": len(history),
-        }
-        (results_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _write_history_csv(history, results_dir / "history.csv")
-        figures.training_curves(history, results_dir / "curves.png")
-        task.sample_figure(sample, info.classes, results_dir / "test_predictions.png")
-        for name in ("metrics.json", "history.csv", "curves.png", "test_predictions.png"):
-            mlflow.log_artifact(str(results_dir / name))
-
-        version, champion = None, False
-        if platform.mlflow.register_models:
-            version, champion = _log_and_register(
-                client, method, model, info, spec.dataset, f"val/{task.primary_metric}", best_val, task, platform
-            )
-    return RunOutcome(run_id, resume_id is not None, test_metrics, best_val, version, champion, history)
+    return {
+        "test_metrics": test_metrics,
+        "best_val": best_val,
+        "model_version": version,
+        "champion": champion,
+        "history": history,
+    }
 
 
 def fit(spec: RunSpec, platform: Platform, info: DatasetInfo, ray_name: str, mlflow_payload: dict | None = None):
