@@ -12,21 +12,33 @@ from pathlib import Path
 
 from components.config import ConfigError, from_dict, load_yaml, section
 from components.data import digits
+from components.data.card import contact_sheet
 from components.data.canonical import DatasetError, read_manifest
+from components.data.importers import importer
 
 GENERATORS = {"digits": (digits.DigitsConfig, digits.generate)}
 
 
 def prepare(dataset: str, params_path: str, out: Path) -> dict:
+    """Generate or import ``datasets.<dataset>`` into ``out`` (atomically); return its manifest."""
     params = load_yaml(params_path)
     raw = section(params, f"datasets.{dataset}", params_path)
-    if dataset not in GENERATORS:
-        raise ConfigError(
-            params_path, f"datasets.{dataset}", f"no preparer for this dataset; available: {', '.join(GENERATORS)}"
-        )
-    config_cls, generate = GENERATORS[dataset]
-    cfg = from_dict(config_cls, raw, source=params_path, key=f"datasets.{dataset}")
-    generate(out, cfg)
+    key = f"datasets.{dataset}"
+    fmt = raw.get("format", "generated") if isinstance(raw, dict) else None
+    if fmt == "generated":
+        if dataset not in GENERATORS:
+            raise ConfigError(
+                params_path, key, f"no generator for this dataset; generated datasets: {', '.join(GENERATORS)}"
+            )
+        config_cls, generate = GENERATORS[dataset]
+        generate(out, from_dict(config_cls, raw, source=params_path, key=key))
+    else:
+        try:
+            module = importer(fmt)
+        except KeyError as exc:
+            raise ConfigError(params_path, f"{key}.format", str(exc.args[0])) from None
+        module.import_to(out, from_dict(module.Config, raw, source=params_path, key=key))
+    contact_sheet(out)
     return read_manifest(out)
 
 

@@ -20,6 +20,7 @@ def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
     p = copy.deepcopy(params)
     digits = p["datasets"]["digits"]
     digits.update(max_per_class=6, crop_size=16)
+    digits["scenes"].update(canvases={"train": 8, "val": 4, "test": 4})
     t = p["training"]
     t.update(epochs=epochs, batch_size=16, eval_batch_size=64)
     t["scaling"].update(num_workers=workers, use_gpu=False)
@@ -43,10 +44,12 @@ def tiny_params(params) -> dict:
 def tiny_dataset(tmp_path_factory, tiny_params) -> Path:
     from components.config import from_dict
     from components.data import digits
+    from components.data.card import contact_sheet
 
     cfg = from_dict(digits.DigitsConfig, tiny_params["datasets"]["digits"], source="test")
     out = tmp_path_factory.mktemp("data") / "digits"
     digits.generate(out, cfg)
+    contact_sheet(out)
     return out
 
 

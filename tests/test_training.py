@@ -67,7 +67,11 @@ def test_tracked_run_registers_champion(ray_session, tiny_dataset, tiny_params, 
     version = client.get_model_version_by_alias("digits-classifier", "champion")
     assert version.run_id == out.run_id
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
-    assert {"config.yaml", "metrics.json", "curves.png", "test_predictions.png"} <= artifacts
+    assert {"config.yaml", "metrics.json", "curves.png", "test_predictions.png", "dataset"} <= artifacts
+    assert {a.path for a in client.list_artifacts(out.run_id, "dataset")} == {
+        "dataset/manifest.json",
+        "dataset/card.png",
+    }
     assert (tmp_path / "a" / "model" / "model.pt").is_file()
     assert out.champion and out.model_version == str(version.version)
 

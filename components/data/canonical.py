@@ -5,6 +5,9 @@ A prepared dataset is a folder::
     <root>/manifest.json                 source, classes, counts, checksums, generator seed
     <root>/<view>/<split>.json           COCO-format: images, annotations, categories
     <root>/<view>/images/<split>/*.png   the images of that view
+    <root>/<view>/masks/<split>/*.png    semantic masks (uint8: 0 background, category index + 1,
+                                         255 ignored), named by the image record's ``semantic_mask``
+    <root>/quarantine/report.json        samples set aside by validation, with the reason each
 
 A *view* is one rendering of the source data for a group of task families: ``crops`` holds
 one object per image with an image-level ``label`` (classification, representation,
@@ -61,6 +64,7 @@ class DatasetWriter:
         self._checksums: dict[str, str] = {}
         self._tmp: Path | None = None
         self.manifest_extra: dict[str, Any] = {}
+        self._quarantined: list[dict[str, Any]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> DatasetWriter:
@@ -93,12 +97,14 @@ class DatasetWriter:
         *,
         label: int | None = None,
         annotations: list[dict[str, Any]] | None = None,
+        semantic_mask: np.ndarray | None = None,
         extra: dict[str, Any] | None = None,
     ) -> int:
         """Store one image (HxWx3 uint8) with its image-level label and/or COCO annotations.
 
         Annotations are COCO dicts without ``id``/``image_id`` (``bbox`` [x, y, w, h],
         ``category_id``, optional ``segmentation`` RLE, ``area``, ``iscrowd``).
+        ``semantic_mask`` (HxW uint8, see the module docstring) is stored as a PNG beside the image.
         Returns the image id (unique within the split).
         """
         assert self._tmp is not None, "use DatasetWriter as a context manager"
@@ -119,12 +125,33 @@ class DatasetWriter:
         }
         if label is not None:
             record["label"] = int(label)
+        if semantic_mask is not None:
+            if semantic_mask.shape != pixels.shape[:2] or semantic_mask.dtype != np.uint8:
+                raise ValueError(
+                    f"semantic mask {semantic_mask.shape}/{semantic_mask.dtype} does not match image {pixels.shape[:2]}"
+                )
+            mask_rel = f"{view}/masks/{split}/{image_id:06d}.png"
+            self._write_bytes(mask_rel, encode_png(semantic_mask))
+            record["semantic_mask"] = mask_rel.split("/", 1)[1]
         if extra:
             record.update(extra)
         images.append(record)
         for ann in annotations or []:
             anns.append({"id": len(anns) + 1, "image_id": image_id, **ann})
         return image_id
+
+    def quarantine(self, source: str, reason: str, payload: bytes | None = None, name: str | None = None) -> None:
+        """Set a bad sample aside: listed in ``quarantine/report.json`` with its reason, and its
+        bytes (when given) kept under ``quarantine/files/`` for inspection."""
+        assert self._tmp is not None
+        entry: dict[str, Any] = {"source": source, "reason": reason}
+        if payload is not None:
+            rel = f"quarantine/files/{len(self._quarantined):06d}-{name or Path(source).name}"
+            path = self._tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(payload)
+            entry["kept_as"] = rel
+        self._quarantined.append(entry)
 
     # -- internals -------------------------------------------------------------------------
     def _write_bytes(self, rel: str, data: bytes) -> None:
@@ -151,12 +178,15 @@ class DatasetWriter:
                 self._write_bytes(f"{view}/{split}.json", _json_bytes(coco))
                 counts[split] = {"images": len(images), "annotations": len(coco["annotations"])}
             views[view] = {"task_families": state.task_families, "counts": counts}
+        if self._quarantined:
+            self._write_bytes("quarantine/report.json", _json_bytes({"quarantined": self._quarantined}))
         manifest = {
             "name": self.name,
             "format_version": FORMAT_VERSION,
             **self.manifest_extra,
             "classes": [c["name"] for c in self.categories],
             "views": views,
+            "quarantined": len(self._quarantined),
             "checksums": dict(sorted(self._checksums.items())),
             "checksum": combined_checksum(self._checksums),
         }
@@ -176,6 +206,25 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO compressed RLE (JSON-ready) of a binary HxW mask."""
+    from pycocotools import mask as coco_mask
+
+    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """Binary HxW uint8 mask of a COCO RLE (compressed or uncompressed) or polygon list needs ``size``."""
+    from pycocotools import mask as coco_mask
+
+    if isinstance(rle.get("counts"), list):  # uncompressed RLE
+        rle = coco_mask.frPyObjects(rle, *rle["size"])
+    elif isinstance(rle.get("counts"), str):
+        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return coco_mask.decode(rle)
 
 
 def combined_checksum(checksums: dict[str, str]) -> str:

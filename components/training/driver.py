@@ -18,7 +18,9 @@ import torch
 import yaml
 
 from components.config import from_dict
-from components.data.canonical import DatasetInfo, read_info
+from components.data.canonical import MANIFEST, DatasetInfo, read_info
+from components.data.card import CARD
+from components.storage import DvcRemoteParams
 from components.tasks import get_task
 from components.tracking import figures
 from components.tracking import mlflow_run as tracking
@@ -43,6 +45,8 @@ class StorageParams:
     """``storage`` in params.yaml; ``CVFLOW_STORAGE_PATH`` in the environment wins over ``path``."""
 
     path: str = "ray_results"  # Ray Train checkpoints and results: a folder (or a URI Ray accepts)
+    s3_endpoint_url: str | None = None  # an S3-compatible server; AWS_ENDPOINT_URL(_S3) wins
+    dvc_remote: DvcRemoteParams = field(default_factory=DvcRemoteParams)
 
 
 @dataclass
@@ -139,6 +143,9 @@ def train(
         if resume_id is None:
             tracking.log_params(client, run_id, resolved)
         mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
+        for card in (MANIFEST, CARD):  # the dataset card: what the numbers were computed on
+            if (Path(info.root) / card).is_file():
+                mlflow.log_artifact(str(Path(info.root) / card), "dataset")
 
         try:
             mlflow_payload = {"tracking_uri": uri, "registry_uri": platform.mlflow.registry_uri, "run_id": run_id}

@@ -1,0 +1,1 @@
+"""Augmentation ops and policy spaces; every geometric op moves boxes and masks with the image."""
