@@ -12,9 +12,10 @@ from pathlib import Path
 
 from components.config import ConfigError, from_dict, load_yaml, section
 from components.data import digits
-from components.data.card import contact_sheet
 from components.data.canonical import DatasetError, read_manifest
+from components.data.card import contact_sheet
 from components.data.importers import importer
+from components.storage.s3 import S3Error
 
 GENERATORS = {"digits": (digits.DigitsConfig, digits.generate)}
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         manifest = prepare(args.dataset, args.params, out)
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, S3Error) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2
     counts = {v: {s: c["images"] for s, c in info["counts"].items()} for v, info in manifest["views"].items()}
