@@ -43,6 +43,8 @@ def decode_image(data: bytes, name: str | Path) -> np.ndarray:
             return np.array(im.convert("RGB"), dtype=np.uint8)
     except SampleError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise SampleError(name, f"image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
         raise SampleError(name, "unreadable image (not a recognised image format)") from None
     except (OSError, ValueError, SyntaxError) as exc:
