@@ -10,6 +10,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from components.data.canonical import DatasetError
+
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -44,6 +46,19 @@ def materialize_source(cfg: ImporterConfig, cache_root: Path | None = None) -> P
 
     cache = cache_root or Path(tempfile.gettempdir()) / "cvflow-sources"
     return materialize(cfg.source, cache, endpoint_url=cfg.s3_endpoint_url)
+
+
+def local_root(cfg: ImporterConfig) -> Path:
+    """The source as a local folder; a missing or unreachable source is a :class:`DatasetError`."""
+    from components.storage.s3 import S3Error
+
+    try:
+        root = materialize_source(cfg)
+    except (OSError, ValueError, S3Error) as exc:
+        raise DatasetError(f"{cfg.source}: cannot read the source ({exc})") from None
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder (expected the extracted dataset)")
+    return root
 
 
 def assign_holdout(keys: list, cfg: ImporterConfig) -> dict[str, list]:

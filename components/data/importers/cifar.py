@@ -29,8 +29,8 @@ import numpy as np
 
 from components.config import to_dict
 from components.data.canonical import SPLITS, DatasetError, DatasetWriter, encode_png
-from components.data.importers.base import ImporterConfig, resize_square
-from components.data.importers.image_folder import TASK_FAMILIES, local_root, stratified_holdout
+from components.data.importers.base import ImporterConfig, local_root, resize_square
+from components.data.importers.image_folder import TASK_FAMILIES, stratified_holdout
 from components.data.validate import SampleError, Validator
 
 SIDE = 32

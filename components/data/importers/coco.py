@@ -28,8 +28,8 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from components.config import to_dict
-from components.data.canonical import SPLITS, DatasetError, DatasetWriter, mask_to_rle
-from components.data.importers.base import ImporterConfig, assign_holdout, crop_object, materialize_source
+from components.data.canonical import SPLITS, DatasetWriter, mask_to_rle
+from components.data.importers.base import ImporterConfig, assign_holdout, crop_object, local_root
 from components.data.validate import (
     SampleError,
     Validator,
@@ -264,17 +264,6 @@ def import_to(out: Path, cfg: Config) -> None:
             carved_splits=[s for s in SPLITS if s not in cfg.splits],
             importer=to_dict(cfg),
         )
-
-
-def local_root(cfg: ImporterConfig) -> Path:
-    """The source as a local folder; a missing or unusable source is a dataset error naming it."""
-    try:
-        root = materialize_source(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        raise DatasetError(str(exc)) from None
-    if not root.is_dir():
-        raise DatasetError(f"{root}: the source must be a folder")
-    return root
 
 
 # -- the JSON files --------------------------------------------------------------------------

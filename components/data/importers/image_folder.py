@@ -29,7 +29,7 @@ import numpy as np
 
 from components.config import to_dict
 from components.data.canonical import SPLITS, DatasetError, DatasetWriter
-from components.data.importers.base import ImporterConfig, materialize_source, resize_square
+from components.data.importers.base import ImporterConfig, local_root, resize_square
 from components.data.validate import SampleError, Validator, decode_image
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -54,19 +54,6 @@ class Config(ImporterConfig):
                 raise ValueError("classes must be a non-empty list of non-empty folder names")
             if len(set(self.classes)) != len(self.classes):
                 raise ValueError(f"classes has duplicate names: {self.classes}")
-
-
-def local_root(cfg: ImporterConfig) -> Path:
-    """The source as a local folder; a missing or unreachable source is a :class:`DatasetError`."""
-    from components.storage.s3 import S3Error
-
-    try:
-        root = materialize_source(cfg)
-    except (OSError, ValueError, S3Error) as exc:
-        raise DatasetError(f"{cfg.source}: cannot read the source ({exc})") from None
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder (expected the extracted dataset)")
-    return root
 
 
 def stratified_holdout(labels: Sequence[int], fractions: dict[str, float], seed: int) -> dict[str, list[int]]:

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.config import to_dict
 from components.data.canonical import SPLITS, DatasetWriter
-from components.data.importers.base import ImporterConfig
+from components.data.importers.base import ImporterConfig, local_root
 from components.data.importers.coco import (
     IGNORE,
     RejectedInput,
@@ -34,7 +34,6 @@ from components.data.importers.coco import (
     carve_splits,
     check_split_mapping,
     fit_box,
-    local_root,
     read_image_file,
     reject,
 )
