@@ -21,10 +21,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +106,30 @@ def s3_endpoint_fixture() -> Iterator[str]:
 
 
 s3_endpoint = s3_endpoint_fixture
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+
+def git_dvc_repo(repo: Path, scratch: Path, timeout: int = 300) -> Callable[..., str]:
+    """Make ``repo`` a fresh git + DVC repository isolated from the user's DVC config, and return
+    a runner for commands inside it (the environment carries the fake AWS credentials)."""
+    repo.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_GLOBAL_CONFIG_DIR": str(scratch / "dvc-global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(scratch / "dvc-system"),
+        "DVC_SITE_CACHE_DIR": str(scratch / "dvc-site"),
+    }
+
+    def run(*cmd: str) -> str:
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    run("git", "init", "-q")
+    run(DVC, "init", "-q")
+    return run

@@ -4,9 +4,7 @@ pull it back, and find the same checksums."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,11 +15,8 @@ from PIL import Image
 
 from components.data.canonical import read_manifest, verify_checksums
 from components.storage.s3 import upload_dir
-from tests.s3_server import s3_endpoint_fixture  # noqa: F401
+from tests.s3_server import DVC, git_dvc_repo, s3_endpoint_fixture  # noqa: F401
 from tests.test_storage_s3 import make_bucket
-
-ROOT = Path(__file__).resolve().parents[1]
-DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def _image_folder(root: Path) -> Path:
@@ -36,21 +31,6 @@ def _image_folder(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_import_from_s3_then_dvc_push_wipe_pull(s3_endpoint, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    env = {
-        **os.environ,  # the fixture's fake AWS credentials
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "dvc-global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(tmp_path / "dvc-system"),
-    }
-
-    def run(*cmd: str) -> str:
-        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
     make_bucket(s3_endpoint, "raw")
     make_bucket(s3_endpoint, "pipeline")
     assert upload_dir(_image_folder(tmp_path / "shapes"), "s3://raw/shapes", endpoint_url=s3_endpoint) == 20
@@ -66,9 +46,9 @@ def test_import_from_s3_then_dvc_push_wipe_pull(s3_endpoint, tmp_path):
         },
         "storage": {"s3_endpoint_url": s3_endpoint, "dvc_remote": {"name": "storage", "url": "s3://pipeline/dvc"}},
     }
+    repo = tmp_path / "repo"
+    run = git_dvc_repo(repo, tmp_path)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    run("git", "init", "-q")
-    run(DVC, "init", "-q")
     run(sys.executable, "-m", "pipelines.prepare", "--dataset", "shapes")
     prepared = repo / "data" / "prepared" / "shapes"
     verify_checksums(prepared)

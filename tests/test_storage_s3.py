@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -26,10 +25,7 @@ from components.storage.s3 import (
     upload_dir,
 )
 from pipelines import dvc_remote
-from tests.s3_server import s3_endpoint_fixture  # noqa: F401
-
-ROOT = Path(__file__).resolve().parents[1]
-DVC = str(Path(sys.executable).with_name("dvc"))
+from tests.s3_server import DVC, git_dvc_repo, s3_endpoint_fixture  # noqa: F401
 
 FILES = {
     "a.txt": b"alpha\n",
@@ -240,23 +236,7 @@ def sha256_tree(root: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_dvc_push_pull_round_trip_through_s3(s3_endpoint, tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
-    env = {
-        **os.environ,  # the fixture's fake AWS credentials
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "dvc-global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(tmp_path / "dvc-system"),
-        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"),
-    }
-
-    def run(*cmd: str) -> str:
-        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120, check=False)
-        assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-    run("git", "init", "-q")
-    run(DVC, "init", "-q")
+    run = git_dvc_repo(repo, tmp_path)
     raw = write_tree(repo / "raw", {**FILES, "images/0001.png": os.urandom(300_000), "images/0002.png": b""})
     original = sha256_tree(raw)
     run(DVC, "add", "-q", "raw")

@@ -126,6 +126,20 @@ class SceneWriter:
         writer.add_view("scenes", SCENE_TASKS)
         writer.add_view("crops", CROP_TASKS)
 
+    def set_manifest(self, cfg: ImporterConfig, fmt: str) -> None:
+        """The manifest fields every scene importer records (sources with a split mapping)."""
+        self.writer.set_manifest(
+            source=cfg.source,
+            format=fmt,
+            seed=cfg.seed,
+            channels=3,
+            image_size=[cfg.crop_size, cfg.crop_size],
+            scene_size_range=self.size_range(),
+            source_splits=dict(cfg.splits),
+            carved_splits=[s for s in SPLITS if s not in cfg.splits],
+            importer=to_dict(cfg),
+        )
+
     def add(
         self,
         split: str,
@@ -253,17 +267,7 @@ def import_to(out: Path, cfg: Config) -> None:
                 semantic = compose_semantic_mask(objects, *pixels.shape[:2]) if has_masks else None
                 extra = {"source_file": record["file_name"], "source_id": record["id"]}
                 scenes.add(split, pixels, objects, semantic_mask=semantic, extra=extra)
-        writer.set_manifest(
-            source=cfg.source,
-            format=FORMAT,
-            seed=cfg.seed,
-            channels=3,
-            image_size=[cfg.crop_size, cfg.crop_size],
-            scene_size_range=scenes.size_range(),
-            source_splits=dict(cfg.splits),
-            carved_splits=[s for s in SPLITS if s not in cfg.splits],
-            importer=to_dict(cfg),
-        )
+        scenes.set_manifest(cfg, FORMAT)
 
 
 # -- the JSON files --------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from components.config import to_dict
 from components.data.canonical import SPLITS, DatasetWriter
 from components.data.importers.base import ImporterConfig, local_root
 from components.data.importers.coco import (
@@ -88,17 +87,7 @@ def import_to(out: Path, cfg: Config) -> None:
                     continue
                 extra = {"source_file": f"JPEGImages/{image_id}{cfg.image_ext}", "source_id": image_id}
                 scenes.add(split, pixels, objects, semantic_mask=semantic, extra=extra)
-        writer.set_manifest(
-            source=cfg.source,
-            format=FORMAT,
-            seed=cfg.seed,
-            channels=3,
-            image_size=[cfg.crop_size, cfg.crop_size],
-            scene_size_range=scenes.size_range(),
-            source_splits=dict(cfg.splits),
-            carved_splits=[s for s in SPLITS if s not in cfg.splits],
-            importer=to_dict(cfg),
-        )
+        scenes.set_manifest(cfg, FORMAT)
 
 
 # -- split lists -------------------------------------------------------------------------------
