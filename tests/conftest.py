@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import load_yaml
+from components.config import deep_merge, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -26,8 +26,28 @@ def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
     t["scaling"].update(num_workers=workers, use_gpu=False)
     t["scheduler"]["warmup_epochs"] = 0.0
     for run in p["runs"].values():
-        run["config"] = {**run.get("config", {}), "widths": [8, 16], "blocks": [1, 1]}
+        run["config"] = deep_merge(run.get("config", {}), TINY_MODELS[run["method"]])
+        if "training" in run:  # runs with their own schedule are cut down the same way
+            run["training"] = deep_merge(run["training"], {"epochs": epochs, "batch_size": 8, "eval_batch_size": 64})
     return p
+
+
+_TINY_PYRAMID = {"backbone": {"widths": [8, 16, 16, 32], "blocks": [1, 1, 1, 1], "fpn_channels": 16}}
+TINY_MODELS = {  # the smallest model of each method: seconds per run on CPU
+    "classifier": {"widths": [8, 16], "blocks": [1, 1]},
+    "retinanet": _TINY_PYRAMID,
+    "fcos": {"backbone": {**_TINY_PYRAMID["backbone"], "fpn_channels": 32}},  # GroupNorm(32) in its head
+    "faster_rcnn": {**_TINY_PYRAMID, "representation_size": 32},
+    "detr": {
+        "backbone": {"widths": [8, 16, 32], "blocks": [1, 1, 1]},
+        "hidden_dim": 32,
+        "nheads": 4,
+        "dim_feedforward": 64,
+        "enc_layers": 1,
+        "dec_layers": 2,
+        "num_queries": 6,
+    },
+}
 
 
 @pytest.fixture(scope="session")

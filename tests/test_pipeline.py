@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.methods import get_method_class
+from components.tasks import get_task
 from tests.conftest import ROOT, shrink
 
 pytestmark = pytest.mark.slow
@@ -44,17 +46,21 @@ def test_dvc_repro_end_to_end(tmp_path, params):
 
     first = _dvc(project, "repro", env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("prepare@digits", "train@classifier", "train@classifier_gc"):
+    runs = params["runs"]
+    for stage in ["prepare@digits", *(f"train@{name}" for name in runs)]:
         assert f"Running stage '{stage}'" in first.stdout
 
     db = sqlite3.connect(project / "mlflow.db")
-    runs = db.execute("select name, status from runs").fetchall()
-    assert sorted(runs) == [("classifier", "FINISHED"), ("classifier_gc", "FINISHED")]
-    steps = db.execute("select count(*) from metrics where key = 'val/top1'").fetchone()[0]
-    assert steps == 2  # one epoch each
-    alias = db.execute("select name, alias from registered_model_aliases").fetchall()
-    assert alias == [("digits-classifier", "champion")]
-    for run in ("classifier", "classifier_gc"):
+    finished = db.execute("select name, status from runs").fetchall()
+    assert sorted(finished) == sorted((name, "FINISHED") for name in runs)
+    for key, family in (("val/top1", "classification"), ("val/mAP", "detection")):
+        expected = sum(get_task(get_method_class(r["method"]).task).name == family for r in runs.values())
+        steps = db.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
+        assert steps == expected  # one epoch each
+    aliases = db.execute("select name, alias from registered_model_aliases").fetchall()
+    methods = {r["method"] for r in runs.values()}
+    assert sorted(aliases) == sorted((f"digits-{m}", "champion") for m in methods)
+    for run in runs:
         assert (project / "results" / run / "metrics.json").is_file()
         assert (project / "models" / run / "model.pt").is_file()
     assert (project / "dvc.lock").is_file()

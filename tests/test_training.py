@@ -116,3 +116,27 @@ def test_worker_failure_recovers_within_the_run(ray_session, tiny_dataset, tiny_
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "0"
     assert _steps(client, out.run_id) == [0, 1, 2] and len(out.history) == 3
+
+
+@pytest.mark.parametrize("run", ["retinanet", "detr"])
+def test_tracked_detection_run(run, ray_session, tiny_dataset, tiny_params, platform, tmp_path):
+    """A detector through the whole path: DDP on 2 workers, COCO mAP per epoch, a predictions
+    PNG per evaluation, and a registered model that loads back and detects."""
+    import mlflow
+
+    spec = _spec(tiny_params, run=run, epochs=2)
+    out = _run(spec, platform, tiny_dataset, tmp_path, run)
+    client = _client(platform)
+    mlrun = client.get_run(out.run_id)
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["task"] == "detection"
+    assert _steps(client, out.run_id, "val/mAP") == [0, 1]
+    assert {"test/mAP", "test/mAP50", "test/mAP75"} <= set(mlrun.data.metrics)
+    figures = {a.path for a in client.list_artifacts(out.run_id, "val_predictions")}
+    assert figures == {"val_predictions/epoch_000.png", "val_predictions/epoch_001.png"}
+    version = client.get_model_version_by_alias(f"digits-{run}", "champion")
+    assert version.run_id == out.run_id
+    mlflow.set_tracking_uri(platform.mlflow.tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/digits-{run}@champion").eval()
+    with torch.no_grad():
+        detections = model([torch.rand(3, 64, 64)])
+    assert set(detections[0]) == {"boxes", "scores", "labels"}

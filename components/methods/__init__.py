@@ -1,6 +1,6 @@
 """Methods, one module each. A new method is one file plus one line in the list below."""
 
-from components.methods import classifier  # noqa: F401
+from components.methods import classifier, detr, faster_rcnn, fcos, retinanet  # noqa: F401
 from components.methods.base import (
     Method,
     RegistryError,

@@ -262,11 +262,14 @@ def _log_and_register(client, method, model, info, dataset, metric_key, value, t
     example = method.example_input(info)
     with torch.no_grad():
         output = model(example)
+    if isinstance(output, (list, tuple)):  # detectors: one dict of tensors per image
+        output = output[0]
+    output = {k: v.numpy() for k, v in output.items()} if isinstance(output, dict) else output.numpy()
     name = tracking.registered_model_name(dataset, method.name)
     logged = mlflow.pytorch.log_model(
         model,
         name="model",
-        signature=infer_signature(example.numpy(), output.numpy()),
+        signature=infer_signature(example.numpy(), output),
         registered_model_name=name,
         # Pickled with the project's code beside it: every method's model loads the same way,
         # including those torch.export cannot trace.

@@ -125,6 +125,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip_norm)
             optimizer.step()
             scheduler.step()
             for name, value in losses.items():
@@ -142,10 +144,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
         core.eval()
         evaluator = task.evaluator(info.num_classes)
+        sample = None
         with torch.no_grad(), amp if amp is not None else contextlib.nullcontext():
             for batch in val_loader:
                 batch = task.to_device(batch, device)
-                evaluator.update(method.predict(core, batch), batch)
+                predictions = method.predict(core, batch)
+                evaluator.update(predictions, batch)
+                if sample is None:
+                    sample = (batch, predictions)
         metrics.update({f"val/{k}": v for k, v in evaluator.compute().items()})
         metrics["time/epoch_s"] = time.perf_counter() - t0
 
@@ -173,6 +179,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             tracker.log(metrics, step=epoch)
+            if cfg.figures_every and sample is not None and (epoch + 1) % cfg.figures_every == 0:
+                tracker.figure(task, sample, info.classes, f"val_predictions/epoch_{epoch:03d}.png")
         else:
             ray.train.report(metrics)
 
@@ -196,6 +204,16 @@ class _RankZeroTracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=items)
+
+    def figure(self, task, sample, classes: tuple[str, ...], artifact: str) -> None:
+        """Draw ``sample`` (a validation batch and its predictions) and log it as ``artifact``."""
+        if self.run_id is None:
+            return
+        folder, name = artifact.rsplit("/", 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            task.sample_figure(task.to_device(sample, torch.device("cpu")), classes, path)
+            self.client.log_artifact(self.run_id, str(path), folder)
 
     def tag(self, key: str, value: str) -> None:
         if self.run_id is not None:

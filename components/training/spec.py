@@ -56,6 +56,8 @@ class TrainingConfig:
     amp: bool = True  # bf16 autocast, on GPU only
     channels_last: bool = True  # on GPU only
     checkpoints_to_keep: int = 2
+    grad_clip_norm: float | None = None  # clip the global gradient norm to this (DETR: 0.1)
+    figures_every: int = 1  # log a PNG of validation predictions every N epochs (0: never)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     scaling: ScalingParams = field(default_factory=ScalingParams)
@@ -64,6 +66,10 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ValueError("grad_clip_norm must be > 0 or null")
+        if self.figures_every < 0:
+            raise ValueError("figures_every must be >= 0")
         if self.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by scaling.num_workers {self.scaling.num_workers}"
@@ -106,11 +112,11 @@ class RunSpec:
         """Identifies the run's inputs; a restarted stage with the same fingerprint resumes.
 
         Settings of how a run is executed, not of what it computes (failure handling, the fault
-        drill, checkpoint retention, loader processes), are left out, so a run restarted with
-        more retries still resumes.
+        drill, checkpoint retention, loader processes, figures), are left out, so a run
+        restarted with more retries still resumes.
         """
         resolved = self.resolved()
-        for key in ("failure", "checkpoints_to_keep", "loader_workers"):
+        for key in ("failure", "checkpoints_to_keep", "loader_workers", "figures_every"):
             resolved["training"].pop(key)
         resolved["data_checksum"] = data_checksum
         blob = json.dumps(resolved, sort_keys=True).encode()

@@ -1,0 +1,189 @@
+"""Object detection: boxes and classes on the ``scenes`` view, scored by COCO mAP.
+
+Batches are ``(images, targets)`` lists (every image has its own number of objects); targets
+hold ``boxes`` (XYXY pixels), ``labels`` (category indices) and ``image_id``. Predictions are
+one dict per image with ``boxes`` (XYXY pixels of the input image), ``scores`` and ``labels``:
+the torchvision convention, which every detection method returns.
+
+Scores come from pycocotools' ``COCOeval`` (the reference COCO evaluator): ``mAP`` is AP
+averaged over IoU 0.50:0.95, ``mAP50``/``mAP75`` at one IoU, ``mAP_small``/``_medium``/``_large``
+by object area (COCO's 32² and 96² pixel thresholds; a size with no ground-truth object is left
+out rather than logged as -1), ``mAR100`` the recall with 100 detections per image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from components.data.loaders import SceneDataset, detection_collate
+from components.tasks.base import Evaluator, TaskFamily, register_task
+
+_STATS = (  # COCOeval.stats, in order
+    *("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large"),
+    *("mAR1", "mAR10", "mAR100", "mAR_small", "mAR_medium", "mAR_large"),
+)
+_REPORTED = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "mAR100")
+
+
+def _gather(items: list[Any]) -> list[Any]:
+    """Every worker's items, concatenated in rank order (the items themselves without a group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, items)
+        return [x for part in out for x in part]
+    return items
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    out = boxes.astype(np.float64).copy()
+    out[:, 2:] -= out[:, :2]
+    return out
+
+
+def coco_box_metrics(images: list[dict[str, Any]], num_classes: int) -> dict[str, float]:
+    """COCO box metrics of ``images``: dicts with ``height``, ``width``, ground truth ``boxes``
+    (XYXY) and ``labels``, and detections ``det_boxes``, ``det_scores``, ``det_labels``."""
+    from pycocotools import coco as coco_module
+    from pycocotools import cocoeval as cocoeval_module
+
+    # pycocotools reports progress with print(); shadowing the name in its modules silences it
+    # in every thread (Ray Train runs the loop in a worker thread that redirect_stdout misses).
+    coco_module.print = cocoeval_module.print = _quiet
+    COCO, COCOeval = coco_module.COCO, cocoeval_module.COCOeval
+
+    gt: dict[str, Any] = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)],
+    }
+    detections: list[dict[str, Any]] = []
+    for image_id, item in enumerate(images, start=1):
+        gt["images"].append({"id": image_id, "height": int(item["height"]), "width": int(item["width"])})
+        for box, label in zip(_xyxy_to_xywh(item["boxes"]), item["labels"], strict=True):
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label) + 1,
+                    "bbox": box.tolist(),
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": 0,
+                }
+            )
+        for box, score, label in zip(
+            _xyxy_to_xywh(item["det_boxes"]), item["det_scores"], item["det_labels"], strict=True
+        ):
+            detections.append(
+                {"image_id": image_id, "category_id": int(label) + 1, "bbox": box.tolist(), "score": float(score)}
+            )
+    if not gt["annotations"]:
+        raise ValueError("COCO evaluation needs at least one ground-truth box; the evaluated split has none")
+    if not detections:  # pycocotools cannot load an empty result list; nothing detected scores 0
+        return dict.fromkeys(("mAP", "mAP50", "mAP75", "mAR100"), 0.0)
+    coco_gt = COCO()
+    coco_gt.dataset = gt
+    coco_gt.createIndex()
+    coco_dt = coco_gt.loadRes(detections)
+    evaluation = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    stats = dict(zip(_STATS, (float(s) for s in evaluation.stats), strict=True))
+    return {k: stats[k] for k in _REPORTED if stats[k] >= 0}  # -1: no object of that size
+
+
+class DetectionEvaluator(Evaluator):
+    """Collects ground truth and detections; ``compute`` gathers every worker's images and runs
+    COCOeval on all of them, so the score does not depend on how the split was sharded."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.images: list[dict[str, Any]] = []
+
+    def update(self, predictions: list[dict[str, torch.Tensor]], batch) -> None:
+        images, targets = batch
+        for image, target, pred in zip(images, targets, predictions, strict=True):
+            self.images.append(
+                {
+                    "height": image.shape[-2],
+                    "width": image.shape[-1],
+                    "boxes": target["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
+                    "labels": target["labels"].detach().cpu().numpy(),
+                    "det_boxes": pred["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
+                    "det_scores": pred["scores"].detach().float().cpu().numpy(),
+                    "det_labels": pred["labels"].detach().cpu().numpy(),
+                }
+            )
+
+    def compute(self) -> dict[str, float]:
+        return coco_box_metrics(_gather(self.images), self.num_classes)
+
+
+class Detection(TaskFamily):
+    name = "detection"
+    primary_metric = "mAP"
+    view = "scenes"
+
+    def dataset(self, root: Path, split: str, train: bool) -> Dataset:
+        from components.augment.geometric import scene_train_transforms
+
+        return SceneDataset(root, split, view=self.view, transforms=scene_train_transforms() if train else None)
+
+    def evaluator(self, num_classes: int) -> Evaluator:
+        return DetectionEvaluator(num_classes)
+
+    def collate(self):
+        return detection_collate
+
+    def sample_figure(self, sample, classes: tuple[str, ...], path: Path, count: int = 16) -> None:
+        draw_detections(sample, classes, path, count)
+
+
+def draw_detections(sample, classes: tuple[str, ...], path: Path, count: int = 16, min_score: float = 0.3) -> None:
+    """Images with ground truth (dashed white) and detections scoring at least ``min_score``
+    (green: matches a same-class ground-truth box at IoU >= 0.5, red: does not)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from torchvision.ops import box_iou
+
+    (images, targets), predictions = sample
+    n = min(count, len(images))
+    cols = min(4, n) or 1
+    rows = max(1, (n + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.4))
+    for i, ax in enumerate(np.atleast_1d(axes).ravel()):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(np.clip(images[i].detach().float().cpu().permute(1, 2, 0).numpy(), 0, 1))
+        gt_boxes, gt_labels = targets[i]["boxes"].detach().float().cpu(), targets[i]["labels"].cpu()
+        for x0, y0, x1, y1 in gt_boxes.tolist():
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", ls="--", lw=0.8))
+        pred = predictions[i]
+        keep = pred["scores"].detach().cpu() >= min_score
+        boxes = pred["boxes"].detach().float().cpu()[keep]
+        labels, scores = pred["labels"].cpu()[keep], pred["scores"].detach().float().cpu()[keep]
+        iou = box_iou(boxes, gt_boxes) if len(gt_boxes) and len(boxes) else torch.zeros(len(boxes), 0)
+        for j, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            hit = bool(((iou[j] >= 0.5) & (gt_labels == labels[j])).any()) if iou.shape[1] else False
+            colour = "lime" if hit else "red"
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.2))
+            ax.text(x0, y0, f"{classes[int(labels[j])]} {float(scores[j]):.2f}", color=colour, fontsize=6, va="bottom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+DETECTION = register_task(Detection())
