@@ -34,6 +34,15 @@ class DetectorInput:
         if self.min_size < 16 or self.max_size < self.min_size:
             raise ValueError("need 16 <= min_size <= max_size")
 
+    def torchvision_kwargs(self) -> dict[str, Any]:
+        """The same settings as keyword arguments of torchvision's detector constructors."""
+        return {
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
     def transform(self, in_channels: int) -> GeneralizedRCNNTransform:
         mean, std = list(self.image_mean), list(self.image_std)
         if len(mean) != in_channels or len(std) != in_channels:

@@ -35,6 +35,7 @@ from components.data.canonical import DatasetInfo
 from components.methods.base import register_method
 from components.methods.detection_base import Detector, DetectorConfig
 from components.models.fpn import BackboneConfig, build_plain_backbone
+from components.tasks.base import all_reduce_mean
 
 
 def _detr_backbone() -> BackboneConfig:
@@ -76,15 +77,6 @@ def hungarian_match(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (predictions) and columns (targets) of the minimum-cost one-to-one assignment."""
     rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
     return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
-
-
-def global_mean(value: float, device: torch.device) -> torch.Tensor:
-    """``value`` averaged over all workers (itself without a process group)."""
-    t = torch.tensor(float(value), device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t = t / torch.distributed.get_world_size()
-    return t
 
 
 class SetCriterion(nn.Module):
@@ -144,8 +136,8 @@ class SetCriterion(nn.Module):
         count = sum(len(t["labels"]) for t in targets)
         slots = logits.shape[1] * logits.shape[2]
         matched = sum(min(len(t["labels"]), logits.shape[2]) for t in targets)
-        num_boxes = global_mean(count, device).clamp(min=1.0)
-        weight_total = global_mean(matched + (slots - matched) * self.cfg.eos_coef, device)
+        num_boxes = all_reduce_mean(torch.tensor(float(count), device=device)).clamp(min=1.0)
+        weight_total = all_reduce_mean(torch.tensor(matched + (slots - matched) * self.cfg.eos_coef, device=device))
         losses = self.layer_loss(logits[-1], boxes[-1], targets, num_boxes, weight_total)
         if self.cfg.aux_loss and logits.shape[0] > 1:
             aux = [

@@ -77,10 +77,7 @@ class FasterRCNN(Detector):
         return TVFasterRCNN(
             backbone,
             num_classes=None,
-            min_size=cfg.input.min_size,
-            max_size=cfg.input.max_size,
-            image_mean=list(cfg.input.image_mean),
-            image_std=list(cfg.input.image_std),
+            **cfg.input.torchvision_kwargs(),
             rpn_anchor_generator=anchors,
             rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
             rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,

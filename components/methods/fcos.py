@@ -83,15 +83,16 @@ class AssignedFCOS(TVFCOS):
     """torchvision's FCOS with the location-to-box assignment of :func:`fcos_assign`."""
 
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
+        device = anchors[0].device
+        level_of = torch.repeat_interleave(
+            torch.arange(len(num_anchors_per_level), device=device),
+            torch.as_tensor(num_anchors_per_level, device=device),
+        )
         matched = []
         for anchors_per_image, target in zip(anchors, targets, strict=True):
             # One anchor per location, a square of side = stride, centred on the location.
             points = (anchors_per_image[:, :2] + anchors_per_image[:, 2:]) / 2
             strides = anchors_per_image[:, 2] - anchors_per_image[:, 0]
-            level_of = torch.repeat_interleave(
-                torch.arange(len(num_anchors_per_level), device=points.device),
-                torch.as_tensor(num_anchors_per_level, device=points.device),
-            )
             matched.append(fcos_assign(points, strides, level_of, target["boxes"], self.center_sampling_radius))
         return self.head.compute_loss(targets, head_outputs, anchors, matched)
 
@@ -110,10 +111,7 @@ class FCOS(Detector):
         model = AssignedFCOS(
             backbone,
             info.num_classes,
-            min_size=cfg.input.min_size,
-            max_size=cfg.input.max_size,
-            image_mean=list(cfg.input.image_mean),
-            image_std=list(cfg.input.image_std),
+            **cfg.input.torchvision_kwargs(),
             anchor_generator=anchors,
             center_sampling_radius=cfg.center_sampling_radius,
             score_thresh=cfg.score_thresh,

@@ -78,7 +78,7 @@ class FocalClassificationHead(RetinaNetClassificationHead):
                 gamma=self.gamma,
                 reduction="sum",
             )
-            losses.append(loss / max(1, int(foreground.sum())))
+            losses.append(loss / foreground.sum().clamp(min=1))
         return torch.stack(losses).sum() / len(targets)
 
 
@@ -97,10 +97,7 @@ def build_retinanet(cfg: RetinaNetConfig, num_classes: int, in_channels: int) ->
     return TVRetinaNet(
         backbone,
         num_classes,
-        min_size=cfg.input.min_size,
-        max_size=cfg.input.max_size,
-        image_mean=list(cfg.input.image_mean),
-        image_std=list(cfg.input.image_std),
+        **cfg.input.torchvision_kwargs(),
         anchor_generator=anchors,
         head=head,
         score_thresh=cfg.score_thresh,

@@ -25,9 +25,6 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from components.models.resnet import BasicBlock, _norm
 
-FULL_SIZE = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
 @dataclass
 class BackboneConfig:
     name: Literal["small", "resnet18", "resnet34", "resnet50", "resnet101"] = "small"
@@ -41,15 +38,18 @@ class BackboneConfig:
     def validate(self) -> None:
         if len(self.widths) != len(self.blocks) or not self.widths:
             raise ValueError("widths and blocks must be non-empty lists of equal length")
-        stages = len(self.widths) if self.name == "small" else 4
-        if not 1 <= self.levels <= stages:
-            raise ValueError(f"levels must be between 1 and the number of stages ({stages})")
+        if not 1 <= self.levels <= self.num_stages:
+            raise ValueError(f"levels must be between 1 and the number of stages ({self.num_stages})")
         if self.fpn_channels < 1:
             raise ValueError("fpn_channels must be >= 1")
 
+    @property
+    def num_stages(self) -> int:
+        return len(self.widths) if self.name == "small" else 4
+
     def strides(self) -> list[int]:
         """Stride of every pyramid level, finest first (extra levels included)."""
-        stages = len(self.widths) if self.name == "small" else 4
+        stages = self.num_stages
         out = [2 ** (i + 2) for i in range(stages - self.levels, stages)]
         extra = {"none": 0, "pool": 1, "p6p7": 2}[self.extra]
         return out + [out[-1] * 2 ** (k + 1) for k in range(extra)]

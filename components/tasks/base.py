@@ -76,9 +76,29 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all workers (no-op without a process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         values = values.clone()
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
     return values
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over all workers (no-op without a process group)."""
+    if _distributed():
+        return all_reduce_sum(values) / torch.distributed.get_world_size()
+    return values
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every worker's ``obj``, in rank order (``[obj]`` without a process group)."""
+    if _distributed():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]

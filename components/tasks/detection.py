@@ -21,22 +21,13 @@ import torch
 from torch.utils.data import Dataset
 
 from components.data.loaders import SceneDataset, detection_collate
-from components.tasks.base import Evaluator, TaskFamily, register_task
+from components.tasks.base import Evaluator, TaskFamily, all_gather_objects, register_task
 
 _STATS = (  # COCOeval.stats, in order
     *("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large"),
     *("mAR1", "mAR10", "mAR100", "mAR_small", "mAR_medium", "mAR_large"),
 )
 _REPORTED = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "mAR100")
-
-
-def _gather(items: list[Any]) -> list[Any]:
-    """Every worker's items, concatenated in rank order (the items themselves without a group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, items)
-        return [x for part in out for x in part]
-    return items
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
@@ -125,7 +116,8 @@ class DetectionEvaluator(Evaluator):
             )
 
     def compute(self) -> dict[str, float]:
-        return coco_box_metrics(_gather(self.images), self.num_classes)
+        gathered = [image for part in all_gather_objects(self.images) for image in part]
+        return coco_box_metrics(gathered, self.num_classes)
 
 
 class Detection(TaskFamily):

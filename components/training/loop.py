@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from components.data.canonical import read_info
 from components.tasks import get_task
+from components.tasks.base import all_gather_objects, all_reduce_mean
 from components.training.optim import build_optimizer, build_scheduler
 from components.training.spec import RunSpec
 
@@ -135,7 +136,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         train_time = time.perf_counter() - t0
         metrics: dict[str, float] = {"epoch": float(epoch)}
         names = sorted(sums)
-        reduced = _all_reduce_mean(torch.stack([sums[n] for n in names]) / steps)
+        reduced = all_reduce_mean(torch.stack([sums[n] for n in names]) / steps).cpu()
         metrics.update({f"train/{n}": float(v) for n, v in zip(names, reduced, strict=True)})
         metrics["train/loss"] = float(reduced.sum())
         metrics["lr"] = optimizer.param_groups[0]["lr"]
@@ -230,14 +231,6 @@ class _RankZeroTracker:
                 self.log(metrics, step=int(metrics["epoch"]))
 
 
-def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        values = values.clone()
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-        values /= torch.distributed.get_world_size()
-    return values.cpu()
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -265,9 +258,4 @@ def _set_rng(state: dict[str, Any]) -> None:
 
 def _gather_rng() -> list[dict[str, Any]]:
     """Every worker's RNG state, in rank order (so each resumes with its own)."""
-    mine = _get_rng()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, mine)
-        return out
-    return [mine]
+    return all_gather_objects(_get_rng())
