@@ -25,10 +25,15 @@ def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
     t.update(epochs=epochs, batch_size=16, eval_batch_size=64)
     t["scaling"].update(num_workers=workers, use_gpu=False)
     t["scheduler"]["warmup_epochs"] = 0.0
-    for run in p["runs"].values():
+    for run in [*p["runs"].values(), *(p.get("pretrain") or {}).values()]:
         run["config"] = deep_merge(run.get("config", {}), TINY_MODELS[run["method"]])
         if "training" in run:  # runs with their own schedule are cut down the same way
             run["training"] = deep_merge(run["training"], {"epochs": epochs, "batch_size": 8, "eval_batch_size": 64})
+    for run in p["runs"].values():  # a pretrained trunk shrinks with the runs that start from it
+        backbone = run["config"].get("backbone", {})
+        if backbone.get("pretrained"):
+            trunk = p["pretrain"][backbone["pretrained"]]["config"]["backbone"]
+            trunk.update({k: backbone[k] for k in ("name", "widths", "blocks", "norm") if k in backbone})
     return p
 
 
@@ -39,7 +44,7 @@ TINY_MODELS = {  # the smallest model of each method: seconds per run on CPU
     "fcos": {"backbone": {**_TINY_PYRAMID["backbone"], "fpn_channels": 32}},  # GroupNorm(32) in its head
     "faster_rcnn": {**_TINY_PYRAMID, "representation_size": 32},
     "detr": {
-        "backbone": {"widths": [8, 16, 32], "blocks": [1, 1, 1]},
+        "backbone": {"widths": [8, 16], "blocks": [1, 1]},
         "hidden_dim": 32,
         "nheads": 4,
         "dim_feedforward": 64,

@@ -46,23 +46,27 @@ def test_dvc_repro_end_to_end(tmp_path, params):
 
     first = _dvc(project, "repro", env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    runs = params["runs"]
-    for stage in ["prepare@digits", *(f"train@{name}" for name in runs)]:
-        assert f"Running stage '{stage}'" in first.stdout
+    runs, pretrain = params["runs"], params["pretrain"]
+    stages = ["prepare@digits", *(f"pretrain@{name}" for name in pretrain), *(f"train@{name}" for name in runs)]
+    order = [first.stdout.index(f"Running stage '{stage}'") for stage in stages]
+    assert order == sorted(order)  # every pretrained trunk before any run
 
     db = sqlite3.connect(project / "mlflow.db")
     finished = db.execute("select name, status from runs").fetchall()
-    assert sorted(finished) == sorted((name, "FINISHED") for name in runs)
+    assert sorted(finished) == sorted((name, "FINISHED") for name in [*runs, *pretrain])
     for key, family in (("val/top1", "classification"), ("val/mAP", "detection")):
-        expected = sum(get_task(get_method_class(r["method"]).task).name == family for r in runs.values())
+        entries = [*runs.values(), *pretrain.values()]
+        expected = sum(get_task(get_method_class(r["method"]).task).name == family for r in entries)
         steps = db.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
         assert steps == expected  # one epoch each
     aliases = db.execute("select name, alias from registered_model_aliases").fetchall()
-    methods = {r["method"] for r in runs.values()}
+    methods = {r["method"] for r in runs.values()}  # pretrained trunks are not registered models
     assert sorted(aliases) == sorted((f"digits-{m}", "champion") for m in methods)
     for run in runs:
         assert (project / "results" / run / "metrics.json").is_file()
         assert (project / "models" / run / "model.pt").is_file()
+    for name in pretrain:
+        assert (project / "pretrained" / name / "model.pt").is_file()
     assert (project / "dvc.lock").is_file()
 
     second = _dvc(project, "repro", env=env)

@@ -125,9 +125,19 @@ def test_tracked_detection_run(run, ray_session, tiny_dataset, tiny_params, plat
     import mlflow
 
     spec = _spec(tiny_params, run=run, epochs=2)
-    out = _run(spec, platform, tiny_dataset, tmp_path, run)
     client = _client(platform)
+    trunk = spec.create_method().pretrained_trunk()
+    pretrained_root = tmp_path / "pretrained"
+    if trunk is not None:  # pretrain@<entry> first, as `dvc repro` orders it
+        pre = load_run_spec(tiny_params, trunk.pretrained, kind="pretrain")
+        folder = pretrained_root / trunk.pretrained
+        pre_out = train(pre, platform, tiny_dataset, folder, folder)
+        pre_run = client.get_run(pre_out.run_id)
+        assert pre_run.info.status == "FINISHED" and pre_run.data.tags["stage"] == "pretrain"
+        assert pre_out.model_version is None  # a trunk, not a model to compare
+    out = train(spec, platform, tiny_dataset, tmp_path / run / "model", tmp_path / run / "results", pretrained_root)
     mlrun = client.get_run(out.run_id)
+    assert ("pretrained_checksum" in mlrun.data.tags) == (trunk is not None)
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["task"] == "detection"
     assert _steps(client, out.run_id, "val/mAP") == [0, 1]
     assert {"test/mAP", "test/mAP50", "test/mAP75"} <= set(mlrun.data.metrics)

@@ -59,6 +59,20 @@ class Method(ABC):
         h, w = info.image_size
         return torch.zeros(1, info.in_channels, h, w)
 
+    def pretrained_trunk(self) -> Any | None:
+        """The ``BackboneConfig`` whose ``pretrained`` entry initialises this model's trunk, or
+        None (random init). Methods with a ``backbone`` config field get this for free."""
+        backbone = getattr(self.cfg, "backbone", None)
+        return backbone if getattr(backbone, "pretrained", None) else None
+
+    def trunk(self, model: nn.Module) -> nn.Module:
+        """The module a pretrained trunk's state dict loads into."""
+        raise NotImplementedError(f"method {self.name!r} has no pretrainable trunk")
+
+    def param_groups(self, model: nn.Module) -> list[tuple[list[nn.Parameter], float]]:
+        """Trainable parameters in groups, each with its learning-rate multiplier."""
+        return [([p for p in model.parameters() if p.requires_grad], 1.0)]
+
     def search_space(self) -> dict[str, Any]:
         """Default Tune search space over this method's config keys (empty: nothing to tune)."""
         return {}

@@ -3,6 +3,10 @@
 He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", arXiv 1512.03385.
 Training techniques (Gradient Centralization, ...) are options of the optimiser and the loop,
 so every technique is compared on this same model.
+
+With ``backbone`` set, the network is a detection trunk (``components.models.fpn``) with the same
+pooled linear head: classification pretraining of a detector's backbone, the stand-in here for
+the ImageNet initialisation the detection papers start from (see ``pretrain`` in params.yaml).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import nn
 
 from components.data.canonical import DatasetInfo
 from components.methods.base import Method, register_method
+from components.models.fpn import BackboneConfig, build_trunk
 from components.models.resnet import SmallResNet
 
 
@@ -25,6 +30,8 @@ class ClassifierConfig:
     norm: Literal["batch", "group"] = "batch"
     dropout: float = 0.0
     label_smoothing: float = 0.0
+    # A detection trunk instead of the CIFAR-style ResNet above (widths/blocks/norm then unused).
+    backbone: BackboneConfig | None = None
 
     def validate(self) -> None:
         if len(self.widths) != len(self.blocks) or not self.widths:
@@ -46,6 +53,20 @@ class ClassifierNet(nn.Module):
         return self.head(self.dropout(self.backbone(x)))
 
 
+class TrunkClassifierNet(nn.Module):
+    """A detection trunk (``body``), global average pooling and a linear head."""
+
+    def __init__(self, body: nn.Module, channels: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.body = body
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(self.body(x), 1), 1)
+        return self.head(self.dropout(pooled))
+
+
 @register_method
 class Classifier(Method):
     name = "classifier"
@@ -54,8 +75,16 @@ class Classifier(Method):
     Config = ClassifierConfig
 
     def build(self, info: DatasetInfo) -> nn.Module:
+        if self.cfg.backbone is not None:
+            body, channels = build_trunk(self.cfg.backbone, info.in_channels)
+            return TrunkClassifierNet(body, channels[-1], info.num_classes, self.cfg.dropout)
         backbone = SmallResNet(info.in_channels, tuple(self.cfg.widths), tuple(self.cfg.blocks), self.cfg.norm)
         return ClassifierNet(backbone, info.num_classes, self.cfg.dropout)
+
+    def trunk(self, model: nn.Module) -> nn.Module:
+        if not isinstance(model, TrunkClassifierNet):
+            raise NotImplementedError("only a classifier with `backbone` set has a pretrainable trunk")
+        return model.body
 
     def training_step(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, targets = batch

@@ -58,10 +58,13 @@ class DetectorConfig:
     input: DetectorInput = field(default_factory=DetectorInput)
     score_thresh: float = 0.05  # detections below this score are dropped at inference
     detections_per_image: int = 100
+    backbone_lr_ratio: float = 1.0  # the trunk's learning rate relative to the rest (DETR: 0.1)
 
     def validate(self) -> None:
         if not 0.0 <= self.score_thresh < 1.0:
             raise ValueError("score_thresh must be in [0, 1)")
+        if self.backbone_lr_ratio <= 0:
+            raise ValueError("backbone_lr_ratio must be > 0")
         if self.detections_per_image < 1:
             raise ValueError("detections_per_image must be >= 1")
 
@@ -84,6 +87,17 @@ class Detector(Method):
         return [
             {"boxes": t["boxes"].as_subclass(torch.Tensor).float(), "labels": t["labels"] + self.label_offset}
             for t in targets
+        ]
+
+    def trunk(self, model: nn.Module) -> nn.Module:
+        return model.backbone.body
+
+    def param_groups(self, model: nn.Module) -> list[tuple[list[nn.Parameter], float]]:
+        trunk = {id(p) for p in self.trunk(model).parameters()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [
+            ([p for p in params if id(p) not in trunk], 1.0),
+            ([p for p in params if id(p) in trunk], self.cfg.backbone_lr_ratio),
         ]
 
     def training_step(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:

@@ -8,8 +8,9 @@ levels, each with ``out_channels`` channels, which is what torchvision's detecto
 
 The small ResNet has a stride-2 3x3 stem and one stride-2 stage per entry of ``widths``, so
 stage ``i`` has stride ``2 ** (i + 2)``; the pyramid uses the last ``levels`` stages. Full-size
-ResNets (``resnet18/34/50/101``) come randomly initialised from torchvision with trainable
-BatchNorm (no weights are downloaded).
+ResNets (``resnet18/34/50/101``) come randomly initialised from torchvision (no weights are
+downloaded). A trunk can start from one trained by a ``pretrain`` entry
+(``components.models.pretrained``), usually with ``norm: frozen``.
 """
 
 from __future__ import annotations
@@ -30,14 +31,20 @@ class BackboneConfig:
     name: Literal["small", "resnet18", "resnet34", "resnet50", "resnet101"] = "small"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # small only
     blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # small only
-    norm: Literal["batch", "group"] = "batch"  # small only; full-size ResNets use BatchNorm
+    # frozen: BatchNorm whose statistics and affine stay those of the pretrained trunk (DETR, and
+    # torchvision's detection references); it loads weights trained with batch.
+    norm: Literal["batch", "group", "frozen"] = "batch"  # full-size ResNets: batch or frozen
     levels: int = 3  # pyramid levels taken from the last stages (C3-C5 for a 4-stage net)
     fpn_channels: int = 64
     extra: Literal["none", "pool", "p6p7"] = "none"  # extra coarse levels: max-pool P6 or P6-P7 convs
+    # A `pretrain` entry of params.yaml whose trained trunk initialises this one (null: random init).
+    pretrained: str | None = None
 
     def validate(self) -> None:
         if len(self.widths) != len(self.blocks) or not self.widths:
             raise ValueError("widths and blocks must be non-empty lists of equal length")
+        if self.name != "small" and self.norm == "group":
+            raise ValueError("full-size ResNets take norm batch or frozen")
         if not 1 <= self.levels <= self.num_stages:
             raise ValueError(f"levels must be between 1 and the number of stages ({self.num_stages})")
         if self.fpn_channels < 1:
@@ -46,6 +53,14 @@ class BackboneConfig:
     @property
     def num_stages(self) -> int:
         return len(self.widths) if self.name == "small" else 4
+
+    def architecture(self) -> dict[str, object]:
+        """The fields that decide the trunk's parameters: two configs with equal architecture
+        can exchange trunk weights."""
+        norm = "batch" if self.norm == "frozen" else self.norm  # the same parameters and buffers
+        if self.name != "small":
+            return {"name": self.name, "norm": norm}
+        return {"name": self.name, "widths": list(self.widths), "blocks": list(self.blocks), "norm": norm}
 
     def strides(self) -> list[int]:
         """Stride of every pyramid level, finest first (extra levels included)."""
@@ -79,13 +94,16 @@ class SmallStridedResNet(nn.Module):
         return x
 
 
-def _body(cfg: BackboneConfig, in_channels: int) -> tuple[nn.Module, list[int]]:
+def build_trunk(cfg: BackboneConfig, in_channels: int) -> tuple[nn.Module, list[int]]:
     """The ResNet trunk (children named ``layer1..``) and the channel count of each stage."""
     if cfg.name == "small":
         return SmallStridedResNet(in_channels, cfg.widths, cfg.blocks, cfg.norm), list(cfg.widths)
     import torchvision
 
-    net = getattr(torchvision.models, cfg.name)(weights=None, norm_layer=nn.BatchNorm2d)
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norm_layer = FrozenBatchNorm2d if cfg.norm == "frozen" else nn.BatchNorm2d
+    net = getattr(torchvision.models, cfg.name)(weights=None, norm_layer=norm_layer)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     expansion = 4 if cfg.name in ("resnet50", "resnet101") else 1
@@ -121,7 +139,7 @@ class BackboneWithPyramid(nn.Module):
 
 
 def build_fpn_backbone(cfg: BackboneConfig, in_channels: int = 3) -> BackboneWithPyramid:
-    body, channels = _body(cfg, in_channels)
+    body, channels = build_trunk(cfg, in_channels)
     stages = len(channels)
     picked = list(range(stages - cfg.levels, stages))
     return BackboneWithPyramid(
@@ -134,7 +152,7 @@ class PlainBackbone(nn.Module):
 
     def __init__(self, cfg: BackboneConfig, in_channels: int = 3) -> None:
         super().__init__()
-        self.body, channels = _body(cfg, in_channels)
+        self.body, channels = build_trunk(cfg, in_channels)
         self.out_channels = channels[-1]
         self.stride = 2 ** (len(channels) + 1)
 

@@ -16,7 +16,11 @@ def _norm(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "group":
         return nn.GroupNorm(min(32, channels // 4) or 1, channels)
-    raise ValueError(f"unknown norm {kind!r}; expected 'batch' or 'group'")
+    if kind == "frozen":  # BatchNorm with fixed statistics and affine, for pretrained trunks
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        return FrozenBatchNorm2d(channels)
+    raise ValueError(f"unknown norm {kind!r}; expected 'batch', 'group' or 'frozen'")
 
 
 class BasicBlock(nn.Module):

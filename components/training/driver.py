@@ -20,6 +20,7 @@ import yaml
 from components.config import from_dict
 from components.data.canonical import MANIFEST, DatasetInfo, read_info
 from components.data.card import CARD
+from components.models.pretrained import PRETRAINED_ROOT, load_trunk
 from components.storage import DvcRemoteParams
 from components.tasks import get_task
 from components.tracking import figures
@@ -104,8 +105,12 @@ def train(
     data_root: str | Path,
     model_dir: str | Path,
     results_dir: str | Path,
+    pretrained_root: str | Path = PRETRAINED_ROOT,
 ) -> RunOutcome:
-    """Train ``spec`` on Ray Train, tracked in MLflow; write the model and metrics files."""
+    """Train ``spec`` on Ray Train, tracked in MLflow; write the model and metrics files.
+
+    A run whose backbone names a ``pretrain`` entry starts from the trunk saved under
+    ``pretrained_root``; pretrain entries themselves are not registered as models."""
     import mlflow
 
     tracking.apply_privacy_defaults(platform.mlflow.telemetry)
@@ -113,7 +118,13 @@ def train(
     method = spec.create_method()
     task = get_task(method.task)
     resolved = spec.resolved()
-    fingerprint = spec.fingerprint(info.checksum)
+    trunk_state, trunk_checksum = None, None
+    backbone = method.pretrained_trunk()
+    if backbone is not None:
+        trunk_state, trunk_checksum = load_trunk(
+            pretrained_root, backbone, source=spec.source, key=f"{spec.key}.config.backbone.pretrained"
+        )
+    fingerprint = spec.fingerprint(info.checksum, trunk_checksum)
     drill = resolved["training"]["failure"].pop("fail_at_epoch")
 
     uri = tracking.resolve_tracking_uri(platform.mlflow)
@@ -132,12 +143,13 @@ def train(
                 "task": method.task,
                 "dataset": spec.dataset,
                 "run": spec.name,
-                "stage": "train",
+                "stage": "pretrain" if spec.section == "pretrain" else "train",
                 "paper": f"arXiv:{method.paper}",
                 "git_commit": tracking.git_commit(PROJECT_ROOT),
                 "data_checksum": info.checksum,
                 "fingerprint": fingerprint,
                 "fault_drill_epoch": str(drill),
+                **({"pretrained_checksum": trunk_checksum} if trunk_checksum else {}),
             }
         )
         if resume_id is None:
@@ -149,7 +161,7 @@ def train(
 
         try:
             mlflow_payload = {"tracking_uri": uri, "registry_uri": platform.mlflow.registry_uri, "run_id": run_id}
-            result = fit(spec, platform, info, f"{spec.name}-{run_id[:12]}", mlflow_payload)
+            result = fit(spec, platform, info, f"{spec.name}-{run_id[:12]}", mlflow_payload, trunk_state)
             outcome = _finish(spec, platform, client, method, task, info, resolved, result, model_dir, results_dir)
         except Exception as exc:
             # The run ends FAILED (start_run's context); say why where the run is looked at.
@@ -194,7 +206,7 @@ def _finish(spec, platform, client, method, task, info, resolved, result, model_
         mlflow.log_artifact(str(results_dir / name))
 
     version, champion = None, False
-    if platform.mlflow.register_models:
+    if platform.mlflow.register_models and spec.section == "runs":
         version, champion = _log_and_register(
             client, method, model, info, spec.dataset, f"val/{task.primary_metric}", best_val, task, platform
         )
@@ -207,8 +219,16 @@ def _finish(spec, platform, client, method, task, info, resolved, result, model_
     }
 
 
-def fit(spec: RunSpec, platform: Platform, info: DatasetInfo, ray_name: str, mlflow_payload: dict | None = None):
-    """Run the generic loop on a Ray Train worker group; rank 0 logs to ``mlflow_payload``'s run."""
+def fit(
+    spec: RunSpec,
+    platform: Platform,
+    info: DatasetInfo,
+    ray_name: str,
+    mlflow_payload: dict | None = None,
+    trunk_state: dict[str, torch.Tensor] | None = None,
+):
+    """Run the generic loop on a Ray Train worker group; rank 0 logs to ``mlflow_payload``'s run;
+    ``trunk_state`` initialises the model's trunk on every worker."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -223,6 +243,7 @@ def fit(spec: RunSpec, platform: Platform, info: DatasetInfo, ray_name: str, mlf
             "spec": spec.to_payload(),
             "data_root": str(Path(info.root).resolve()),
             "mlflow": mlflow_payload,
+            "trunk_state": trunk_state,
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,

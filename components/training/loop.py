@@ -55,6 +55,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     _seed_all(cfg.seed)  # same initial weights on every worker
     model = method.build(info)
+    if payload.get("trunk_state") is not None:  # a pretrained trunk (checkpoints below override it)
+        method.trunk(model).load_state_dict(payload["trunk_state"])
     if on_gpu and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -84,10 +86,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if len(train_loader) == 0:
         raise ValueError(
             f"{root}: the train split has {len(train_set)} samples, fewer than one global batch "
-            f"({cfg.batch_size}); lower runs.{spec.name}.training.batch_size"
+            f"({cfg.batch_size}); lower {spec.key}.training.batch_size"
         )
 
-    optimizer = build_optimizer(core, cfg.optimizer)
+    optimizer = build_optimizer(core, cfg.optimizer, method.param_groups(core))
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs, len(train_loader))
     primary = f"val/{task.primary_metric}"
     amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (on_gpu and cfg.amp) else None

@@ -51,8 +51,18 @@ def centralize_gradients(params: Iterable[torch.Tensor]) -> None:
             p.grad.sub_(p.grad.mean(dim=tuple(range(1, p.grad.dim())), keepdim=True))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, groups: list[tuple[list[nn.Parameter], float]] | None = None
+) -> torch.optim.Optimizer:
+    """The optimiser over ``model``'s trainable parameters; ``groups`` (parameters, learning-rate
+    multiplier) must cover each of them exactly once."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if groups is None:
+        groups = [(trainable, 1.0)]
+    covered = [id(p) for ps, _ in groups for p in ps]
+    if sorted(covered) != sorted(id(p) for p in trainable):
+        raise ValueError("parameter groups must hold every trainable parameter exactly once")
+    params = [{"params": list(ps), "lr": cfg.lr * scale} for ps, scale in groups if ps]
     wd = cfg.weight_decay
     # With GC on SGD, weight decay is folded into the gradient before centralising (the paper's
     # SGD_GC), so the optimiser itself must not add it again.

@@ -10,6 +10,9 @@ gives the method's typed config under ``config`` and may override any key of ``t
         dataset: digits
         config: {widths: [16, 32, 64]}
         training: {optimizer: {gradient_centralization: true}}
+
+``pretrain.<name>`` entries have the same form; they train the trunks that runs start from with
+``config.backbone.pretrained: <name>``.
 """
 
 from __future__ import annotations
@@ -94,9 +97,15 @@ class RunSpec:
     method_config: dict[str, Any]
     training: TrainingConfig
     source: str = "params.yaml"
+    section: str = "runs"  # or "pretrain"
+
+    @property
+    def key(self) -> str:
+        """Dotted key of the entry in the params file."""
+        return f"{self.section}.{self.name}"
 
     def create_method(self) -> Method:
-        return create_method(self.method, self.method_config, source=self.source, key=f"runs.{self.name}.config")
+        return create_method(self.method, self.method_config, source=self.source, key=f"{self.key}.config")
 
     def resolved(self) -> dict[str, Any]:
         """The full resolved configuration (method config with its defaults filled in)."""
@@ -108,7 +117,7 @@ class RunSpec:
             "training": to_dict(self.training),
         }
 
-    def fingerprint(self, data_checksum: str) -> str:
+    def fingerprint(self, data_checksum: str, init_checksum: str | None = None) -> str:
         """Identifies the run's inputs; a restarted stage with the same fingerprint resumes.
 
         Settings of how a run is executed, not of what it computes (failure handling, the fault
@@ -119,6 +128,8 @@ class RunSpec:
         for key in ("failure", "checkpoints_to_keep", "loader_workers", "figures_every"):
             resolved["training"].pop(key)
         resolved["data_checksum"] = data_checksum
+        if init_checksum is not None:  # a retrained pretrained trunk makes a new run
+            resolved["init_checksum"] = init_checksum
         blob = json.dumps(resolved, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -131,6 +142,7 @@ class RunSpec:
             "method_config": self.method_config,
             "training": to_dict(self.training),
             "source": self.source,
+            "section": self.section,
         }
 
     @classmethod
@@ -143,20 +155,36 @@ class RunSpec:
             method_config=payload["method_config"],
             training=training,
             source=payload["source"],
+            section=payload.get("section", "runs"),
         )
 
 
-def load_run_spec(params: dict[str, Any], run: str, source: str = "params.yaml") -> RunSpec:
-    """Validate ``runs.<run>`` (method, config) and ``training`` merged with its overrides."""
-    runs = section(params, "runs", source)
-    if run not in runs:
-        raise ConfigError(source, f"runs.{run}", f"no such run; runs in the file: {', '.join(runs)}")
-    entry = from_dict(RunEntry, runs[run], source=source, key=f"runs.{run}")
+SECTIONS = ("runs", "pretrain")
+
+
+def load_run_spec(params: dict[str, Any], run: str, source: str = "params.yaml", kind: str = "runs") -> RunSpec:
+    """Validate ``<kind>.<run>`` (method, config) and ``training`` merged with its overrides;
+    ``kind`` is ``runs`` or ``pretrain``."""
+    if kind not in SECTIONS:
+        raise ValueError(f"kind must be one of {SECTIONS}, got {kind!r}")
+    entries = section(params, kind, source)
+    if run not in entries:
+        what = "run" if kind == "runs" else "pretrain entry"
+        raise ConfigError(source, f"{kind}.{run}", f"no such {what}; {kind} in the file: {', '.join(entries)}")
+    entry = from_dict(RunEntry, entries[run], source=source, key=f"{kind}.{run}")
     defaults = params.get("training") or {}
     from_dict(TrainingConfig, defaults, source=source, key="training")  # errors in defaults name them
     training = from_dict(
-        TrainingConfig, deep_merge(defaults, entry.training), source=source, key=f"runs.{run}.training"
+        TrainingConfig, deep_merge(defaults, entry.training), source=source, key=f"{kind}.{run}.training"
     )
-    spec = RunSpec(run, entry.method, entry.dataset, entry.config, training, os.fspath(source))
-    spec.create_method()  # validates the method name and its config now, not inside a worker
+    spec = RunSpec(run, entry.method, entry.dataset, entry.config, training, os.fspath(source), kind)
+    method = spec.create_method()  # validates the method name and its config now, not inside a worker
+    trunk = method.pretrained_trunk()
+    if trunk is not None:
+        key = f"{spec.key}.config.backbone.pretrained"
+        if kind == "pretrain":
+            raise ConfigError(source, key, "a pretrain entry cannot start from another one")
+        if trunk.pretrained not in (params.get("pretrain") or {}):
+            known = ", ".join(params.get("pretrain") or {}) or "none"
+            raise ConfigError(source, key, f"no pretrain entry {trunk.pretrained!r} (entries: {known})")
     return spec
