@@ -124,7 +124,7 @@ def test_tracked_detection_run(run, ray_session, tiny_dataset, tiny_params, plat
     PNG per evaluation, and a registered model that loads back and detects."""
     import mlflow
 
-    spec = _spec(tiny_params, run=run, epochs=2)
+    spec = _spec(tiny_params, run=run, epochs=2, figures_every=1)
     client = _client(platform)
     trunk = spec.create_method().pretrained_trunk()
     pretrained_root = tmp_path / "pretrained"
