@@ -10,6 +10,7 @@ model before training. Only the trunk is taken; heads stay randomly initialised.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import torch
@@ -45,8 +46,8 @@ def load_trunk(
     mine = backbone.architecture()
     if theirs != mine:
         raise ConfigError(source, key, f"this backbone {mine} differs from the one {name!r} was trained with {theirs}")
-    blob = model_path.read_bytes()
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    blob = model_path.read_bytes()  # read once: checksummed and loaded
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     trunk = {k[len(TRUNK_PREFIX) :]: v for k, v in state.items() if k.startswith(TRUNK_PREFIX)}
     if not trunk:
         raise ConfigError(source, key, f"{model_path} holds no {TRUNK_PREFIX}* weights")
