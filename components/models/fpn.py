@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -33,7 +34,7 @@ class BackboneConfig:
     blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # small only
     # frozen: BatchNorm whose statistics and affine stay those of the pretrained trunk (DETR, and
     # torchvision's detection references); it loads weights trained with batch.
-    norm: Literal["batch", "group", "frozen"] = "batch"  # full-size ResNets: batch or frozen
+    norm: Literal["batch", "group", "frozen"] = "batch"
     levels: int = 3  # pyramid levels taken from the last stages (C3-C5 for a 4-stage net)
     fpn_channels: int = 64
     extra: Literal["none", "pool", "p6p7"] = "none"  # extra coarse levels: max-pool P6 or P6-P7 convs
@@ -43,8 +44,6 @@ class BackboneConfig:
     def validate(self) -> None:
         if len(self.widths) != len(self.blocks) or not self.widths:
             raise ValueError("widths and blocks must be non-empty lists of equal length")
-        if self.name != "small" and self.norm == "group":
-            raise ValueError("full-size ResNets take norm batch or frozen")
         if not 1 <= self.levels <= self.num_stages:
             raise ValueError(f"levels must be between 1 and the number of stages ({self.num_stages})")
         if self.fpn_channels < 1:
@@ -100,10 +99,7 @@ def build_trunk(cfg: BackboneConfig, in_channels: int) -> tuple[nn.Module, list[
         return SmallStridedResNet(in_channels, cfg.widths, cfg.blocks, cfg.norm), list(cfg.widths)
     import torchvision
 
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    norm_layer = FrozenBatchNorm2d if cfg.norm == "frozen" else nn.BatchNorm2d
-    net = getattr(torchvision.models, cfg.name)(weights=None, norm_layer=norm_layer)
+    net = getattr(torchvision.models, cfg.name)(weights=None, norm_layer=partial(_norm, cfg.norm))
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     expansion = 4 if cfg.name in ("resnet50", "resnet101") else 1
