@@ -7,15 +7,23 @@ default: mirrored handwriting is not the same digit.
 
 from __future__ import annotations
 
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 
 def scene_train_transforms(
-    max_rotation: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.85, 1.15), hflip: float = 0.0
+    max_rotation: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.85, 1.15),
+    hflip: float = 0.0,
+    mask_fill: int = 0,
 ) -> v2.Compose:
     """Random affine (+ optional flip) for scenes; boxes that leave the canvas are dropped with
-    their labels and masks by ``SanitizeBoundingBoxes``."""
-    ops = [v2.RandomAffine(degrees=max_rotation, translate=(translate, translate), scale=scale)]
+    their labels and masks by ``SanitizeBoundingBoxes``. Pixels the affine brings in from outside
+    the canvas are black in the image and ``mask_fill`` in masks (255: a semantic mask's ignore
+    index; instance masks keep 0)."""
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: mask_fill}
+    ops = [v2.RandomAffine(degrees=max_rotation, translate=(translate, translate), scale=scale, fill=fill)]
     if hflip:
         ops.append(v2.RandomHorizontalFlip(hflip))
     ops.append(v2.ClampBoundingBoxes())

@@ -40,9 +40,13 @@ def _xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def coco_box_metrics(images: list[dict[str, Any]], num_classes: int) -> dict[str, float]:
-    """COCO box metrics of ``images``: dicts with ``height``, ``width``, ground truth ``boxes``
-    (XYXY) and ``labels``, and detections ``det_boxes``, ``det_scores``, ``det_labels``."""
+def coco_box_metrics(images: list[dict[str, Any]], num_classes: int, iou_type: str = "bbox") -> dict[str, float]:
+    """COCO metrics of ``images``: dicts with ``height``, ``width``, ground truth ``boxes``
+    (XYXY) and ``labels``, and detections ``det_boxes``, ``det_scores``, ``det_labels``.
+
+    ``iou_type="segm"`` scores masks instead of boxes: every image then also holds ``masks`` and
+    ``det_masks``, one COCO RLE per object (``pycocotools.mask.encode``); areas come from them.
+    """
     from pycocotools import coco as coco_module
     from pycocotools import cocoeval as cocoeval_module
 
@@ -51,6 +55,11 @@ def coco_box_metrics(images: list[dict[str, Any]], num_classes: int) -> dict[str
     coco_module.print = cocoeval_module.print = _quiet
     COCO, COCOeval = coco_module.COCO, cocoeval_module.COCOeval
 
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    segm = iou_type == "segm"
+    if segm:
+        from pycocotools import mask as mask_utils
     gt: dict[str, Any] = {
         "images": [],
         "annotations": [],
@@ -59,23 +68,27 @@ def coco_box_metrics(images: list[dict[str, Any]], num_classes: int) -> dict[str
     detections: list[dict[str, Any]] = []
     for image_id, item in enumerate(images, start=1):
         gt["images"].append({"id": image_id, "height": int(item["height"]), "width": int(item["width"])})
-        for box, label in zip(_xyxy_to_xywh(item["boxes"]), item["labels"], strict=True):
-            gt["annotations"].append(
-                {
-                    "id": len(gt["annotations"]) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label) + 1,
-                    "bbox": box.tolist(),
-                    "area": float(box[2] * box[3]),
-                    "iscrowd": 0,
-                }
-            )
-        for box, score, label in zip(
-            _xyxy_to_xywh(item["det_boxes"]), item["det_scores"], item["det_labels"], strict=True
+        for k, (box, label) in enumerate(zip(_xyxy_to_xywh(item["boxes"]), item["labels"], strict=True)):
+            ann = {
+                "id": len(gt["annotations"]) + 1,
+                "image_id": image_id,
+                "category_id": int(label) + 1,
+                "bbox": box.tolist(),
+                "area": float(box[2] * box[3]),
+                "iscrowd": 0,
+            }
+            if segm:
+                ann["segmentation"] = item["masks"][k]
+                ann["area"] = float(mask_utils.area(item["masks"][k]))
+            gt["annotations"].append(ann)
+        for k, (box, score, label) in enumerate(
+            zip(_xyxy_to_xywh(item["det_boxes"]), item["det_scores"], item["det_labels"], strict=True)
         ):
-            detections.append(
-                {"image_id": image_id, "category_id": int(label) + 1, "bbox": box.tolist(), "score": float(score)}
-            )
+            det = {"image_id": image_id, "category_id": int(label) + 1, "bbox": box.tolist(), "score": float(score)}
+            if segm:  # pycocotools derives the box and the area from the mask
+                del det["bbox"]
+                det["segmentation"] = item["det_masks"][k]
+            detections.append(det)
     if not gt["annotations"]:
         raise ValueError("COCO evaluation needs at least one ground-truth box; the evaluated split has none")
     if not detections:  # pycocotools cannot load an empty result list; nothing detected scores 0
@@ -84,7 +97,7 @@ def coco_box_metrics(images: list[dict[str, Any]], num_classes: int) -> dict[str
     coco_gt.dataset = gt
     coco_gt.createIndex()
     coco_dt = coco_gt.loadRes(detections)
-    evaluation = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluation = COCOeval(coco_gt, coco_dt, iouType=iou_type)
     evaluation.evaluate()
     evaluation.accumulate()
     evaluation.summarize()
