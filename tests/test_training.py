@@ -150,3 +150,35 @@ def test_tracked_detection_run(run, ray_session, tiny_dataset, tiny_params, plat
     with torch.no_grad():
         detections = model([torch.rand(3, 64, 64)])
     assert set(detections[0]) == {"boxes", "scores", "labels"}
+
+
+@pytest.mark.parametrize("run", ["unet", "condinst"])
+def test_tracked_segmentation_run(run, ray_session, tiny_dataset, tiny_params, platform, tmp_path):
+    """Semantic and instance segmentation through the whole path: the family's metrics per
+    epoch, mask PNGs, and a registered model that loads back and segments."""
+    import mlflow
+
+    spec = _spec(tiny_params, run=run, epochs=2, figures_every=1)
+    family = spec.create_method().task
+    out = train(spec, platform, tiny_dataset, tmp_path / run / "model", tmp_path / run / "results")
+    client = _client(platform)
+    mlrun = client.get_run(out.run_id)
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["task"] == family
+    primary = {"semantic_segmentation": "mIoU", "instance_segmentation": "mask_mAP"}[family]
+    assert _steps(client, out.run_id, f"val/{primary}") == [0, 1]
+    expected = {"mIoU", "pixel_acc", "IoU/background"} if primary == "mIoU" else {"mask_mAP", "mask_mAP50", "mAP"}
+    assert {f"test/{k}" for k in expected} <= set(mlrun.data.metrics)
+    figures = {a.path for a in client.list_artifacts(out.run_id, "val_predictions")}
+    assert figures == {"val_predictions/epoch_000.png", "val_predictions/epoch_001.png"}
+    assert (tmp_path / run / "results" / "test_predictions.png").stat().st_size > 0
+    assert client.get_model_version_by_alias(f"digits-{run}", "champion").run_id == out.run_id
+    mlflow.set_tracking_uri(platform.mlflow.tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/digits-{run}@champion").eval()
+    with torch.no_grad():
+        if primary == "mIoU":
+            logits = model(torch.rand(2, 3, 64, 64))
+            assert logits.shape[0] == 2 and logits.shape[-2:] == (64, 64)
+        else:
+            predictions = model([torch.rand(3, 64, 64)])
+            assert set(predictions[0]) == {"boxes", "scores", "labels", "masks"}
+            assert predictions[0]["masks"].shape[-2:] == (64, 64)

@@ -1,6 +1,16 @@
 """Methods, one module each. A new method is one file plus one line in the list below."""
 
-from components.methods import classifier, detr, faster_rcnn, fcos, retinanet  # noqa: F401
+from components.methods import (  # noqa: F401
+    classifier,
+    condinst,
+    detr,
+    faster_rcnn,
+    fcos,
+    mask_rcnn,
+    retinanet,
+    segformer,
+    unet,
+)
 from components.methods.base import (
     Method,
     RegistryError,

@@ -116,3 +116,16 @@ class Detector(Method):
         """A batch of one image at the model's input size (the model resizes any size)."""
         size = self.cfg.input.min_size
         return torch.rand(1, info.in_channels, size, size)
+
+
+class InstanceSegmenter(Detector):
+    """A detector that also predicts a mask per detection: targets carry ``masks`` (N x H x W),
+    predictions add ``masks`` (N x H x W probabilities at the input image's size)."""
+
+    task = "instance_segmentation"
+
+    def _targets(self, targets: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        out = super()._targets(targets)
+        for o, t in zip(out, targets, strict=True):
+            o["masks"] = t["masks"].as_subclass(torch.Tensor)
+        return out

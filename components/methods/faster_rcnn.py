@@ -59,6 +59,12 @@ class FasterRCNN(Detector):
     label_offset = 1  # softmax over background (index 0) and the classes
 
     def build(self, info: DatasetInfo) -> nn.Module:
+        backbone, kwargs = self.components(info)
+        return TVFasterRCNN(backbone, **kwargs)
+
+    def components(self, info: DatasetInfo) -> tuple[nn.Module, dict]:
+        """The pyramid backbone and the keyword arguments of torchvision's two-stage detectors
+        (Mask R-CNN adds its mask branch to the same)."""
         from components.models.fpn import build_fpn_backbone
 
         cfg = self.cfg
@@ -74,8 +80,7 @@ class FasterRCNN(Detector):
             sampling_ratio=cfg.roi_sampling_ratio,
         )
         channels = backbone.out_channels * cfg.roi_output_size**2
-        return TVFasterRCNN(
-            backbone,
+        return backbone, dict(
             num_classes=None,
             **cfg.input.torchvision_kwargs(),
             rpn_anchor_generator=anchors,
