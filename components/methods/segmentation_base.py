@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.data.canonical import DatasetInfo
 from components.methods.base import Method
 from components.tasks.segmentation import IGNORE_INDEX
 
@@ -92,3 +93,7 @@ class SemanticSegmenter(Method):
 
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
         return model(batch[0]).argmax(dim=1)
+
+    def example_input(self, info: DatasetInfo) -> torch.Tensor:
+        """A 64 x 64 image: the models take any size, and ``info.image_size`` is the crops'."""
+        return torch.rand(1, info.in_channels, 64, 64)

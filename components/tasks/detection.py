@@ -153,25 +153,33 @@ class Detection(TaskFamily):
         draw_detections(sample, classes, path, count)
 
 
-def draw_detections(sample, classes: tuple[str, ...], path: Path, count: int = 16, min_score: float = 0.3) -> None:
-    """Images with ground truth (dashed white) and detections scoring at least ``min_score``
-    (green: matches a same-class ground-truth box at IoU >= 0.5, red: does not)."""
+def scene_grid(n: int):
+    """A matplotlib figure of up to four panels a row for ``n`` images, and its ``n`` axes
+    (axes beyond ``n`` are hidden)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, n) or 1
+    rows = max(1, (n + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.4))
+    axes = np.atleast_1d(axes).ravel()
+    for ax in axes:
+        ax.axis("off")
+    return fig, list(axes[:n])
+
+
+def draw_detections(sample, classes: tuple[str, ...], path: Path, count: int = 16, min_score: float = 0.3) -> None:
+    """Images with ground truth (dashed white) and detections scoring at least ``min_score``
+    (green: matches a same-class ground-truth box at IoU >= 0.5, red: does not)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
     from torchvision.ops import box_iou
 
     (images, targets), predictions = sample
-    n = min(count, len(images))
-    cols = min(4, n) or 1
-    rows = max(1, (n + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.4))
-    for i, ax in enumerate(np.atleast_1d(axes).ravel()):
-        ax.axis("off")
-        if i >= n:
-            continue
+    fig, axes = scene_grid(min(count, len(images)))
+    for i, ax in enumerate(axes):
         ax.imshow(np.clip(images[i].detach().float().cpu().permute(1, 2, 0).numpy(), 0, 1))
         gt_boxes, gt_labels = targets[i]["boxes"].detach().float().cpu(), targets[i]["labels"].cpu()
         for x0, y0, x1, y1 in gt_boxes.tolist():

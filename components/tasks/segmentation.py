@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from components.data.loaders import SceneDataset, detection_collate
+from components.data.loaders import SceneDataset
 from components.tasks.base import Evaluator, TaskFamily, all_gather_objects, all_reduce_sum, register_task
-from components.tasks.detection import coco_box_metrics
+from components.tasks.detection import Detection, coco_box_metrics, scene_grid
 
 IGNORE_INDEX = 255
 
@@ -201,10 +201,11 @@ class InstanceEvaluator(Evaluator):
         return out
 
 
-class InstanceSegmentation(TaskFamily):
+class InstanceSegmentation(Detection):
+    """Detection's batches with instance masks in the targets and the predictions."""
+
     name = "instance_segmentation"
     primary_metric = "mask_mAP"
-    view = "scenes"
 
     def dataset(self, root: Path, split: str, train: bool) -> Dataset:
         from components.augment.geometric import scene_train_transforms
@@ -215,9 +216,6 @@ class InstanceSegmentation(TaskFamily):
     def evaluator(self, num_classes: int) -> Evaluator:
         return InstanceEvaluator(num_classes)
 
-    def collate(self):
-        return detection_collate
-
     def sample_figure(self, sample, classes: tuple[str, ...], path: Path, count: int = 16) -> None:
         draw_instances(sample, classes, path, count)
 
@@ -225,22 +223,13 @@ class InstanceSegmentation(TaskFamily):
 def draw_instances(sample, classes: tuple[str, ...], path: Path, count: int = 16, min_score: float = 0.3) -> None:
     """Images with their predicted masks (one colour per detection scoring at least
     ``min_score``, labelled with class and score) and the ground-truth boxes (dashed white)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     (images, targets), predictions = sample
-    n = min(count, len(images))
-    cols = min(4, n) or 1
-    rows = max(1, (n + cols - 1) // cols)
     palette = _palette(21)[1:]
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.4))
-    for i, ax in enumerate(np.atleast_1d(axes).ravel()):
-        ax.axis("off")
-        if i >= n:
-            continue
+    fig, axes = scene_grid(min(count, len(images)))
+    for i, ax in enumerate(axes):
         canvas = np.clip(images[i].detach().float().cpu().permute(1, 2, 0).numpy(), 0, 1).copy()
         pred = predictions[i]
         keep = (pred["scores"].detach().float().cpu() >= min_score).nonzero().flatten().tolist()
