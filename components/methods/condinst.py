@@ -36,15 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import boxes as box_ops
 
 from components.data.canonical import DatasetInfo
 from components.methods.base import register_method
 from components.methods.detection_base import InstanceSegmenter
-from components.methods.fcos import AssignedFCOS, FCOSConfig, fcos_assign
-from components.models.fpn import build_fpn_backbone
+from components.methods.fcos import FCOS, AssignedFCOS, FCOSConfig, fcos_assign
 
 
 @dataclass
@@ -269,14 +267,15 @@ class CondInstNet(AssignedFCOS):
         losses = self.head.compute_loss(targets, head_outputs, anchors, matched)
 
         # Masks of the positive locations (sampled down to max_proposals).
-        image_idx, loc_idx = torch.cat([m[None] for m in matched]).ge(0).nonzero(as_tuple=True)
+        matched_all = torch.stack(matched)  # images x locations
+        image_idx, loc_idx = matched_all.ge(0).nonzero(as_tuple=True)
         if len(image_idx) > self.max_proposals:
             keep = torch.randperm(len(image_idx), device=device)[: self.max_proposals]
             image_idx, loc_idx = image_idx[keep], loc_idx[keep]
         if len(image_idx) == 0:
             losses["mask"] = head_outputs["controller"].sum() * 0.0 + mask_features.sum() * 0.0
             return losses
-        gt_idx = torch.stack(matched)[image_idx, loc_idx]
+        gt_idx = matched_all[image_idx, loc_idx]
         centres, strides = self._locations(torch.stack(anchors)[image_idx, loc_idx])
         params = head_outputs["controller"][image_idx, loc_idx]
         logits = self.instance_masks(mask_features[image_idx], feature_stride, params, centres, self._scale(strides))
@@ -338,24 +337,11 @@ class CondInstNet(AssignedFCOS):
 
 
 @register_method
-class CondInst(InstanceSegmenter):
+class CondInst(InstanceSegmenter, FCOS):
     name = "condinst"
     paper = "2003.05664"
     Config = CondInstConfig
 
     def build(self, info: DatasetInfo) -> nn.Module:
-        cfg = self.cfg
-        backbone = build_fpn_backbone(cfg.backbone, info.in_channels)
-        strides = cfg.backbone.strides()
-        anchors = AnchorGenerator(sizes=tuple((s,) for s in strides), aspect_ratios=((1.0,),) * len(strides))
-        return CondInstNet(
-            backbone,
-            info.num_classes,
-            cfg,
-            **cfg.input.torchvision_kwargs(),
-            anchor_generator=anchors,
-            center_sampling_radius=cfg.center_sampling_radius,
-            score_thresh=cfg.score_thresh,
-            nms_thresh=cfg.nms_thresh,
-            detections_per_img=cfg.detections_per_image,
-        )
+        backbone, kwargs = self.components(info)
+        return CondInstNet(backbone, info.num_classes, self.cfg, **kwargs)

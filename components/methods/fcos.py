@@ -105,12 +105,22 @@ class FCOS(Detector):
 
     def build(self, info: DatasetInfo) -> nn.Module:
         cfg = self.cfg
+        backbone, kwargs = self.components(info)
+        model = AssignedFCOS(backbone, info.num_classes, **kwargs)
+        if cfg.head_convs != 4:
+            from torchvision.models.detection.fcos import FCOSHead
+
+            model.head = FCOSHead(backbone.out_channels, 1, info.num_classes, num_convs=cfg.head_convs)
+        return model
+
+    def components(self, info: DatasetInfo) -> tuple[nn.Module, dict]:
+        """The pyramid backbone and the keyword arguments of torchvision's ``FCOS`` (CondInst
+        builds on the same): one location, a square of side = stride, per pyramid position."""
+        cfg = self.cfg
         backbone = build_fpn_backbone(cfg.backbone, info.in_channels)
         strides = cfg.backbone.strides()
         anchors = AnchorGenerator(sizes=tuple((s,) for s in strides), aspect_ratios=((1.0,),) * len(strides))
-        model = AssignedFCOS(
-            backbone,
-            info.num_classes,
+        return backbone, dict(
             **cfg.input.torchvision_kwargs(),
             anchor_generator=anchors,
             center_sampling_radius=cfg.center_sampling_radius,
@@ -118,8 +128,3 @@ class FCOS(Detector):
             nms_thresh=cfg.nms_thresh,
             detections_per_img=cfg.detections_per_image,
         )
-        if cfg.head_convs != 4:
-            from torchvision.models.detection.fcos import FCOSHead
-
-            model.head = FCOSHead(backbone.out_channels, 1, info.num_classes, num_convs=cfg.head_convs)
-        return model
