@@ -116,21 +116,26 @@ class DetectionEvaluator(Evaluator):
     def update(self, predictions: list[dict[str, torch.Tensor]], batch) -> None:
         images, targets = batch
         for image, target, pred in zip(images, targets, predictions, strict=True):
-            self.images.append(
-                {
-                    "height": image.shape[-2],
-                    "width": image.shape[-1],
-                    "boxes": target["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
-                    "labels": target["labels"].detach().cpu().numpy(),
-                    "det_boxes": pred["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
-                    "det_scores": pred["scores"].detach().float().cpu().numpy(),
-                    "det_labels": pred["labels"].detach().cpu().numpy(),
-                }
-            )
+            self.images.append(self.record(image, target, pred))
+
+    def record(self, image: torch.Tensor, target: dict[str, Any], pred: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What COCO evaluation keeps of one image (the input of :func:`coco_box_metrics`)."""
+        return {
+            "height": image.shape[-2],
+            "width": image.shape[-1],
+            "boxes": target["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
+            "labels": target["labels"].detach().cpu().numpy(),
+            "det_boxes": pred["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
+            "det_scores": pred["scores"].detach().float().cpu().numpy(),
+            "det_labels": pred["labels"].detach().cpu().numpy(),
+        }
+
+    def gathered(self) -> list[dict[str, Any]]:
+        """Every worker's image records, in rank order."""
+        return [image for part in all_gather_objects(self.images) for image in part]
 
     def compute(self) -> dict[str, float]:
-        gathered = [image for part in all_gather_objects(self.images) for image in part]
-        return coco_box_metrics(gathered, self.num_classes)
+        return coco_box_metrics(self.gathered(), self.num_classes)
 
 
 class Detection(TaskFamily):

@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from components.data.loaders import SceneDataset
-from components.tasks.base import Evaluator, TaskFamily, all_gather_objects, all_reduce_sum, register_task
-from components.tasks.detection import Detection, coco_box_metrics, scene_grid
+from components.tasks.base import Evaluator, TaskFamily, all_reduce_sum, register_task
+from components.tasks.detection import Detection, DetectionEvaluator, coco_box_metrics, scene_grid
 
 IGNORE_INDEX = 255
 
@@ -161,41 +161,27 @@ def _rle(masks: np.ndarray) -> list[dict[str, Any]]:
     return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
 
 
-class InstanceEvaluator(Evaluator):
-    """Like the detection evaluator, with masks: COCO mask AP (primary) and box AP."""
+class InstanceEvaluator(DetectionEvaluator):
+    """The detection evaluator with masks: COCO mask AP (primary) and box AP."""
 
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.images: list[dict[str, Any]] = []
-
-    def update(self, predictions: list[dict[str, torch.Tensor]], batch) -> None:
-        images, targets = batch
-        for image, target, pred in zip(images, targets, predictions, strict=True):
-            h, w = image.shape[-2:]
-            det_masks = pred["masks"].detach().float().cpu()
-            if det_masks.ndim == 4:  # N x 1 x H x W (torchvision's Mask R-CNN)
-                det_masks = det_masks[:, 0]
-            if det_masks.shape[-2:] != (h, w) or len(det_masks) != len(pred["boxes"]):
-                raise ValueError(
-                    f"predicted masks {tuple(pred['masks'].shape)} must be one H x W mask per detection "
-                    f"({len(pred['boxes'])}) at the image size {(h, w)}"
-                )
-            self.images.append(
-                {
-                    "height": h,
-                    "width": w,
-                    "boxes": target["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
-                    "labels": target["labels"].detach().cpu().numpy(),
-                    "masks": _rle(target["masks"].detach().cpu().numpy() > 0),
-                    "det_boxes": pred["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
-                    "det_scores": pred["scores"].detach().float().cpu().numpy(),
-                    "det_labels": pred["labels"].detach().cpu().numpy(),
-                    "det_masks": _rle(det_masks.numpy() >= 0.5),
-                }
+    def record(self, image: torch.Tensor, target: dict[str, Any], pred: dict[str, torch.Tensor]) -> dict[str, Any]:
+        h, w = image.shape[-2:]
+        det_masks = pred["masks"].detach().float().cpu()
+        if det_masks.ndim == 4:  # N x 1 x H x W (torchvision's Mask R-CNN)
+            det_masks = det_masks[:, 0]
+        if det_masks.shape[-2:] != (h, w) or len(det_masks) != len(pred["boxes"]):
+            raise ValueError(
+                f"predicted masks {tuple(pred['masks'].shape)} must be one H x W mask per detection "
+                f"({len(pred['boxes'])}) at the image size {(h, w)}"
             )
+        return {
+            **super().record(image, target, pred),
+            "masks": _rle(target["masks"].detach().cpu().numpy() > 0),
+            "det_masks": _rle(det_masks.numpy() >= 0.5),
+        }
 
     def compute(self) -> dict[str, float]:
-        gathered = [image for part in all_gather_objects(self.images) for image in part]
+        gathered = self.gathered()
         out = {f"mask_{k}": v for k, v in coco_box_metrics(gathered, self.num_classes, iou_type="segm").items()}
         out.update(coco_box_metrics(gathered, self.num_classes, iou_type="bbox"))
         return out
