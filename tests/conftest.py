@@ -17,6 +17,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
     """The real params with every run cut to a few seconds on CPU."""
+    from components.methods import get_method_class
+
     p = copy.deepcopy(params)
     digits = p["datasets"]["digits"]
     digits.update(max_per_class=6, crop_size=16)
@@ -28,7 +30,10 @@ def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
     for run in [*p["runs"].values(), *(p.get("pretrain") or {}).values()]:
         run["config"] = deep_merge(run.get("config", {}), TINY_MODELS[run["method"]])
         if "training" in run:  # runs with their own schedule are cut down the same way
-            run["training"] = deep_merge(run["training"], {"epochs": epochs, "batch_size": 8, "eval_batch_size": 64})
+            short = {"epochs": epochs if run["training"].get("epochs", 1) > 0 else 0, "eval_batch_size": 64}
+            # Retrieval batches hold m samples of several classes on each worker.
+            short["batch_size"] = 16 if get_method_class(run["method"]).task == "retrieval" else 8
+            run["training"] = deep_merge(run["training"], short)
     for run in p["runs"].values():  # a pretrained trunk shrinks with the runs that start from it
         backbone = run["config"].get("backbone", {})
         if backbone.get("pretrained"):

@@ -59,6 +59,8 @@ def test_dvc_repro_end_to_end(tmp_path, params):
         "val/mAP": {"detection", "instance_segmentation"},
         "val/mIoU": {"semantic_segmentation"},
         "val/mask_mAP": {"instance_segmentation"},
+        "val/knn_top1": {"representation"},
+        "val/recall_at_1": {"retrieval"},
     }
     for key, families in logged_by.items():
         entries = [*runs.values(), *pretrain.values()]
@@ -67,7 +69,8 @@ def test_dvc_repro_end_to_end(tmp_path, params):
         steps = db.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
         assert steps == expected  # one epoch each
     aliases = db.execute("select name, alias from registered_model_aliases").fetchall()
-    methods = {r["method"] for r in runs.values()}  # pretrained trunks are not registered models
+    # Pretrained trunks and untrained baselines (epochs: 0) are not registered models.
+    methods = {r["method"] for r in runs.values() if r.get("training", {}).get("epochs", 1) > 0}
     assert sorted(aliases) == sorted((f"digits-{m}", "champion") for m in methods)
     for run in runs:
         assert (project / "results" / run / "metrics.json").is_file()

@@ -64,9 +64,12 @@ def test_method_smoke(name, tiny_dataset):
     task = get_task(method.task)
     info = read_info(tiny_dataset)
     model = method.build(info)
-    loader = torch.utils.data.DataLoader(
-        task.dataset(tiny_dataset, "train", train=True), batch_size=8, shuffle=True, collate_fn=task.collate()
-    )
+    train_set = task.dataset(tiny_dataset, "train", train=True)
+    batch_sampler = task.train_batch_sampler(train_set, 8, 0, 1, 0, method.cfg)  # the loop's batches
+    if batch_sampler is not None:
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler, collate_fn=task.collate())
+    else:
+        loader = torch.utils.data.DataLoader(train_set, batch_size=8, shuffle=True, collate_fn=task.collate())
     batch = next(iter(loader))
     model.train()
     losses = method.training_step(model, batch)
@@ -79,6 +82,8 @@ def test_method_smoke(name, tiny_dataset):
             assert p.grad is not None, f"{name}: no gradient reaches {pname}"
             assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient in {pname}"
     model.eval()
+    eval_set = task.dataset(tiny_dataset, "val", train=False)  # one batch: all of the tiny split
+    batch = next(iter(torch.utils.data.DataLoader(eval_set, batch_size=len(eval_set), collate_fn=task.collate())))
     with torch.no_grad():
         predictions = method.predict(model, batch)
     evaluator = task.evaluator(info.num_classes)

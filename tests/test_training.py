@@ -182,3 +182,33 @@ def test_tracked_segmentation_run(run, ray_session, tiny_dataset, tiny_params, p
             predictions = model([torch.rand(3, 64, 64)])
             assert set(predictions[0]) == {"boxes", "scores", "labels", "masks"}
             assert predictions[0]["masks"].shape[-2:] == (64, 64)
+
+
+def test_eval_every_validates_some_epochs_and_picks_the_best_among_them(
+    ray_session, tiny_dataset, tiny_params, platform, tmp_path
+):
+    out = _run(_spec(tiny_params, epochs=3, eval_every=2), platform, tiny_dataset, tmp_path, "every")
+    client = _client(platform)
+    assert _steps(client, out.run_id) == [1, 2]  # every 2nd epoch, and always the last
+    assert _steps(client, out.run_id, "time/epoch_s") == [0, 1, 2]
+    assert ["val/top1" in h for h in out.history] == [False, True, True]
+    assert out.best_val == max(h["val/top1"] for h in out.history[1:])
+
+
+def test_untrained_baseline_is_scored_on_the_driver_and_not_registered(tiny_dataset, tiny_params, platform, tmp_path):
+    """``epochs: 0``: the initial weights, scored by the same protocol, as a row to compare with."""
+    out = _run(_spec(tiny_params, epochs=0), platform, tiny_dataset, tmp_path, "baseline")
+    client = _client(platform)
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    assert _steps(client, out.run_id) == [0] and "test/top1" in run.data.metrics
+    assert out.model_version is None and not client.search_registered_models()
+    # The weights the loop's workers start from (seeded the same way): only training is missing.
+    from components.data.canonical import read_info
+    from components.training.loop import seed_all
+
+    spec = _spec(tiny_params, epochs=0)
+    seed_all(spec.training.seed)
+    start = spec.create_method().build(read_info(tiny_dataset)).state_dict()
+    scored = torch.load(tmp_path / "baseline" / "model" / "model.pt", weights_only=True)
+    assert scored.keys() == start.keys() and all(torch.equal(scored[k], start[k]) for k in start)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 _TASKS: dict[str, TaskFamily] = {}
 
@@ -42,6 +42,13 @@ class TaskFamily(ABC):
     @abstractmethod
     def sample_figure(self, sample: tuple[Any, Any], classes: tuple[str, ...], path: Path) -> None:
         """Write a PNG of ``(batch, predictions)`` drawn for a person to look at."""
+
+    def train_batch_sampler(
+        self, dataset: Dataset, per_worker: int, rank: int, world: int, seed: int, method_cfg: Any
+    ) -> Sampler[list[int]] | None:
+        """Batches of training indices for one worker (with ``set_epoch``), or ``None``: the loop
+        then shards a shuffled order with a ``DistributedSampler``."""
+        return None
 
     def collate(self) -> Callable[[list[Any]], Any] | None:
         """A DataLoader ``collate_fn``; ``None`` means PyTorch's default."""

@@ -23,7 +23,8 @@ def training_curves(history: list[dict[str, float]], path: str | Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if keys:  # a baseline of the initial weights has no training losses
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -39,6 +39,7 @@ class RayParams:
     num_cpus: int | None = None  # local Ray only; None: all cores
     usage_stats: bool = False  # Ray's usage stats collection; off unless a user opts in
     dashboard: bool = True  # local Ray only, bound to 127.0.0.1; Ray Train's state API needs it
+    train_poll_interval_s: float = 0.25  # local Ray only: how often Ray Train's controller polls workers
 
 
 @dataclass
@@ -70,6 +71,9 @@ def init_ray(cfg: RayParams) -> None:
     # Ray's usage stats stay off unless params opt in; a value the user set is respected.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "1" if cfg.usage_stats else "0")
     address = os.environ.get("RAY_ADDRESS") or cfg.address
+    # Ray Train's controller polls its workers every 2 s by default: seconds of idle start-up and
+    # shutdown in every short CPU run. Processes of a local Ray inherit this environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.train_poll_interval_s))
     pythonpath = os.environ.get("PYTHONPATH")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -161,8 +165,16 @@ def train(
 
         try:
             mlflow_payload = {"tracking_uri": uri, "registry_uri": platform.mlflow.registry_uri, "run_id": run_id}
-            result = fit(spec, platform, info, f"{spec.name}-{run_id[:12]}", mlflow_payload, trunk_state)
-            outcome = _finish(spec, platform, client, method, task, info, resolved, result, model_dir, results_dir)
+            if spec.training.epochs == 0:  # a baseline of the initial weights: nothing to distribute
+                best_state, history = _score_initial_weights(spec, method, task, info, trunk_state)
+            else:
+                result = fit(spec, platform, info, f"{spec.name}-{run_id[:12]}", mlflow_payload, trunk_state)
+                with result.checkpoint.as_directory() as ckpt_dir:
+                    best_state = torch.load(Path(ckpt_dir) / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
+                    history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
+            outcome = _finish(
+                spec, platform, client, method, task, info, resolved, best_state, history, model_dir, results_dir
+            )
         except Exception as exc:
             # The run ends FAILED (start_run's context); say why where the run is looked at.
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -170,13 +182,35 @@ def train(
     return RunOutcome(run_id, resume_id is not None, **outcome)
 
 
-def _finish(spec, platform, client, method, task, info, resolved, result, model_dir, results_dir) -> dict[str, Any]:
-    """Score the best checkpoint on the test split; write, log and register what the run made."""
+def _score_initial_weights(spec, method, task, info, trunk_state) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """``epochs: 0``: the weights every worker of the loop would start from, scored on the
+    validation split as the loop's epoch 0 and logged to the active run."""
+    import time
+
     import mlflow
 
-    with result.checkpoint.as_directory() as ckpt_dir:
-        best_state = torch.load(Path(ckpt_dir) / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
-        history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
+    from components.training.loop import seed_all
+
+    t0 = time.perf_counter()
+    seed_all(spec.training.seed)
+    model = method.build(info)
+    if trunk_state is not None:
+        method.trunk(model).load_state_dict(trunk_state)
+    model.eval()
+    scores, _ = _evaluate(method, task, model, info, "val")
+    metrics = {f"val/{k}": v for k, v in scores.items()}
+    metrics[f"best/{task.primary_metric}"] = metrics[f"val/{task.primary_metric}"]
+    metrics["time/epoch_s"] = time.perf_counter() - t0
+    mlflow.log_metrics(metrics, step=0)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [{"epoch": 0.0, **metrics}]
+
+
+def _finish(
+    spec, platform, client, method, task, info, resolved, best_state, history, model_dir, results_dir
+) -> dict[str, Any]:
+    """Score the best weights on the test split; write, log and register what the run made."""
+    import mlflow
+
     model = method.build(info)
     model.load_state_dict(best_state)
     model.eval()
@@ -206,7 +240,8 @@ def _finish(spec, platform, client, method, task, info, resolved, result, model_
         mlflow.log_artifact(str(results_dir / name))
 
     version, champion = None, False
-    if platform.mlflow.register_models and spec.section == "runs":
+    # Pretrain entries and untrained baselines (epochs: 0) are compared, not deployed.
+    if platform.mlflow.register_models and spec.section == "runs" and spec.training.epochs > 0:
         version, champion = _log_and_register(
             client, method, model, info, spec.dataset, f"val/{task.primary_metric}", best_val, task, platform
         )

@@ -53,7 +53,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     root = Path(payload["data_root"])
     info = read_info(root)
 
-    _seed_all(cfg.seed)  # same initial weights on every worker
+    seed_all(cfg.seed)  # same initial weights on every worker
     model = method.build(info)
     if payload.get("trunk_state") is not None:  # a pretrained trunk (checkpoints below override it)
         method.trunk(model).load_state_dict(payload["trunk_state"])
@@ -64,17 +64,30 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     train_set = task.dataset(root, "train", train=True)
     val_set = task.dataset(root, "val", train=False)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     per_worker = cfg.batch_size // world
-    train_loader = DataLoader(
-        train_set,
-        batch_size=per_worker,
-        sampler=sampler,
-        num_workers=cfg.loader_workers,
-        collate_fn=task.collate(),
-        drop_last=True,
-        pin_memory=on_gpu,
-    )
+    batch_sampler = task.train_batch_sampler(train_set, per_worker, rank, world, cfg.seed, method.cfg)
+    if batch_sampler is not None:  # the family composes the batches (e.g. m samples per class)
+        sampler = batch_sampler
+        train_loader = DataLoader(
+            train_set,
+            batch_sampler=batch_sampler,
+            num_workers=cfg.loader_workers,
+            collate_fn=task.collate(),
+            pin_memory=on_gpu,
+        )
+    else:
+        sampler = DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        train_loader = DataLoader(
+            train_set,
+            batch_size=per_worker,
+            sampler=sampler,
+            num_workers=cfg.loader_workers,
+            collate_fn=task.collate(),
+            drop_last=True,
+            pin_memory=on_gpu,
+        )
     # Every worker scores a disjoint slice of the validation set (no padding duplicates);
     # the evaluator sums counts across workers, so the score is exact.
     val_loader = DataLoader(
@@ -111,9 +124,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         tracker.backfill(history)
         tracker.tag("resumed_from_epoch", str(state["epoch"]))
     else:
-        _seed_all(cfg.seed + rank)
+        seed_all(cfg.seed + rank)
 
-    for epoch in range(start_epoch, cfg.epochs):
+    # epochs: 0 scores the initial (random) weights once, at epoch 0: a baseline row.
+    for epoch in range(start_epoch, max(cfg.epochs, 1)):
         if cfg.failure.fail_at_epoch == epoch and restored is None:
             raise FaultDrill(f"fault drill: training.failure.fail_at_epoch={epoch} on a run not resumed yet")
         t0 = time.perf_counter()
@@ -121,7 +135,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         model.train()
         sums: dict[str, torch.Tensor] = {}
         steps = 0
-        for batch in train_loader:
+        for batch in train_loader if cfg.epochs > 0 else ():
             batch = task.to_device(batch, device)
             with amp if amp is not None else contextlib.nullcontext():
                 losses = method.training_step(model, batch)
@@ -137,31 +151,36 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             steps += 1
         train_time = time.perf_counter() - t0
         metrics: dict[str, float] = {"epoch": float(epoch)}
-        names = sorted(sums)
-        reduced = all_reduce_mean(torch.stack([sums[n] for n in names]) / steps).cpu()
-        metrics.update({f"train/{n}": float(v) for n, v in zip(names, reduced, strict=True)})
-        metrics["train/loss"] = float(reduced.sum())
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        if steps:
+            names = sorted(sums)
+            reduced = all_reduce_mean(torch.stack([sums[n] for n in names]) / steps).cpu()
+            metrics.update({f"train/{n}": float(v) for n, v in zip(names, reduced, strict=True)})
+            metrics["train/loss"] = float(reduced.sum())
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            metrics["throughput/train_images_per_s"] = steps * cfg.batch_size / train_time
         metrics["time/train_epoch_s"] = train_time
-        metrics["throughput/train_images_per_s"] = steps * cfg.batch_size / train_time
 
-        core.eval()
-        evaluator = task.evaluator(info.num_classes)
-        sample = None
-        with torch.no_grad(), amp if amp is not None else contextlib.nullcontext():
-            for batch in val_loader:
-                batch = task.to_device(batch, device)
-                predictions = method.predict(core, batch)
-                evaluator.update(predictions, batch)
-                if sample is None:
-                    sample = (batch, predictions)
-        metrics.update({f"val/{k}": v for k, v in evaluator.compute().items()})
+        # Validation every `eval_every` epochs and always at the last; the best model is chosen
+        # among the validated epochs.
+        validate = (epoch + 1) % cfg.eval_every == 0 or epoch == max(cfg.epochs, 1) - 1
+        sample, improved = None, False
+        if validate:
+            core.eval()
+            evaluator = task.evaluator(info.num_classes)
+            with torch.no_grad(), amp if amp is not None else contextlib.nullcontext():
+                for batch in val_loader:
+                    batch = task.to_device(batch, device)
+                    predictions = method.predict(core, batch)
+                    evaluator.update(predictions, batch)
+                    if sample is None:
+                        sample = (batch, predictions)
+            metrics.update({f"val/{k}": v for k, v in evaluator.compute().items()})
+            improved = best is None or (metrics[primary] > best if task.higher_is_better else metrics[primary] < best)
+            if improved:
+                best = metrics[primary]
         metrics["time/epoch_s"] = time.perf_counter() - t0
-
-        improved = best is None or (metrics[primary] > best if task.higher_is_better else metrics[primary] < best)
-        if improved:
-            best = metrics[primary]
-        metrics[f"best/{task.primary_metric}"] = best
+        if best is not None:
+            metrics[f"best/{task.primary_metric}"] = best
         history.append(metrics)
         rng_states = _gather_rng()
         if rank == 0:
@@ -226,14 +245,14 @@ class _RankZeroTracker:
         """Log checkpointed epochs that did not reach MLflow before a crash."""
         if self.run_id is None or not history:
             return
-        key = next(k for k in history[-1] if k.startswith("val/"))
+        key = "time/epoch_s"  # logged every epoch, validated or not
         logged = {m.step for m in self.client.get_metric_history(self.run_id, key)}
         for metrics in history:
             if int(metrics["epoch"]) not in logged:
                 self.log(metrics, step=int(metrics["epoch"]))
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

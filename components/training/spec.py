@@ -51,7 +51,7 @@ class FailureParams:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 10
+    epochs: int = 10  # 0: no training, the initial weights are scored (a random-init baseline row)
     batch_size: int = 64  # global: split evenly across workers, so results do not depend on the count
     eval_batch_size: int = 256
     seed: int = 0
@@ -61,16 +61,19 @@ class TrainingConfig:
     checkpoints_to_keep: int = 2
     grad_clip_norm: float | None = None  # clip the global gradient norm to this (DETR: 0.1)
     figures_every: int = 1  # log a PNG of validation predictions every N epochs (0: never)
+    eval_every: int = 1  # validate every N epochs (and always at the last); the best model is picked among them
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     scaling: ScalingParams = field(default_factory=ScalingParams)
     failure: FailureParams = field(default_factory=FailureParams)
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0 (0: score the initial weights, a random-init baseline)")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError("grad_clip_norm must be > 0 or null")
+        if self.eval_every < 1:
+            raise ValueError("eval_every must be >= 1")
         if self.figures_every < 0:
             raise ValueError("figures_every must be >= 0")
         if self.batch_size % self.scaling.num_workers:
