@@ -71,7 +71,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + loss.item(), steps + 1
         train_s = time.perf_counter() - t0
         model.eval()
         evaluator = task.evaluator(info.num_classes)

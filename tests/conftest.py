@@ -60,6 +60,9 @@ TINY_MODELS = {  # the smallest model of each method: seconds per run on CPU
     "unet": {"widths": [4, 8, 16]},
     "segformer": {"widths": [8, 16, 24, 32], "heads": [1, 1, 2, 2], "depths": [1, 1, 1, 1], "decoder_width": 16},
     "mask_rcnn": {**_TINY_PYRAMID, "representation_size": 32, "mask_head_layers": [8, 8], "mask_predictor_width": 8},
+    "triplet": {"encoder": {"widths": [8, 16], "blocks": [1, 1]}, "embedding_dim": 16},
+    "contrastive": {"encoder": {"widths": [8, 16], "blocks": [1, 1]}, "embedding_dim": 16},
+    "smooth_ap": {"encoder": {"widths": [8, 16], "blocks": [1, 1]}, "embedding_dim": 16},
     "condinst": {
         "backbone": {**_TINY_PYRAMID["backbone"], "fpn_channels": 32},  # GroupNorm(32) in its FCOS head
         "mask_branch_channels": 8,

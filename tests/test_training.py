@@ -212,3 +212,29 @@ def test_untrained_baseline_is_scored_on_the_driver_and_not_registered(tiny_data
     start = spec.create_method().build(read_info(tiny_dataset)).state_dict()
     scored = torch.load(tmp_path / "baseline" / "model" / "model.pt", weights_only=True)
     assert scored.keys() == start.keys() and all(torch.equal(scored[k], start[k]) for k in start)
+
+
+@pytest.mark.parametrize("run", ["triplet"])
+def test_tracked_embedding_run(run, ray_session, tiny_dataset, tiny_params, platform, tmp_path):
+    """A representation or metric-learning method through the whole path: DDP on 2 workers with
+    the family's batches, its protocol per epoch, and a registered model that embeds images."""
+    import mlflow
+
+    spec = _spec(tiny_params, run=run, epochs=2, figures_every=1)
+    family = spec.create_method().task
+    primary = {"representation": "knn_top1", "retrieval": "recall_at_1"}[family]
+    out = train(spec, platform, tiny_dataset, tmp_path / run / "model", tmp_path / run / "results")
+    client = _client(platform)
+    mlrun = client.get_run(out.run_id)
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["task"] == family
+    assert _steps(client, out.run_id, f"val/{primary}") == [0, 1]
+    expected = {"knn_top1", "linear_top1"} if family == "representation" else {"recall_at_1", "recall_at_8", "map_at_r"}
+    assert {f"test/{k}" for k in expected} <= set(mlrun.data.metrics)
+    figures = {a.path for a in client.list_artifacts(out.run_id, "val_predictions")}
+    assert figures == {"val_predictions/epoch_000.png", "val_predictions/epoch_001.png"}
+    assert client.get_model_version_by_alias(f"digits-{spec.method}", "champion").run_id == out.run_id
+    mlflow.set_tracking_uri(platform.mlflow.tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/digits-{spec.method}@champion").eval()
+    with torch.no_grad():
+        embedding = model(torch.rand(4, 3, 16, 16))
+    assert embedding.dim() == 2 and embedding.shape[0] == 4

@@ -171,8 +171,10 @@ class TwoViews(Dataset):
 class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of ``classes_per_batch`` classes with ``m`` samples each (metric learning).
 
-    Every epoch walks each class's samples in a fresh seeded order; a class with fewer than
-    ``m`` samples is sampled with replacement. ``rank``/``world`` give each worker its own batches.
+    Each batch draws its classes, and ``m`` samples of each, afresh from a generator seeded by
+    ``(seed, epoch)`` (an epoch may show an image twice and skip another); a class with fewer
+    than ``m`` samples is sampled with replacement. ``rank``/``world`` give each worker its own
+    batches, so the global batch is the union of per-worker ``m``-per-class batches.
     """
 
     def __init__(

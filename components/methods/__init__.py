@@ -3,12 +3,15 @@
 from components.methods import (  # noqa: F401
     classifier,
     condinst,
+    contrastive,
     detr,
     faster_rcnn,
     fcos,
     mask_rcnn,
     retinanet,
     segformer,
+    smooth_ap,
+    triplet,
     unet,
 )
 from components.methods.base import (
