@@ -16,7 +16,10 @@ from components.training.spec import load_run_spec
 def test_real_params_validate(params):
     for run in params["runs"]:
         spec = load_run_spec(params, run)
-        assert spec.training.epochs >= 1
+        spec.create_method()  # the method's config validates too
+        assert spec.training.epochs >= 0  # 0: a baseline row of the untrained model
+    for name in params["pretrain"]:
+        assert load_run_spec(params, name, kind="pretrain").training.epochs >= 1
     load_platform(params)
 
 
@@ -69,6 +72,13 @@ def test_literal_and_validate_errors(params):
     p = copy.deepcopy(params)
     p["training"]["batch_size"] = 65
     with pytest.raises(ConfigError, match="not divisible by scaling.num_workers"):
+        load_run_spec(p, "classifier")
+    p = copy.deepcopy(params)
+    p["training"]["epochs"] = -1
+    with pytest.raises(ConfigError, match=r"epochs must be >= 0"):
+        load_run_spec(p, "classifier")
+    p["training"].update(epochs=2, eval_every=0)
+    with pytest.raises(ConfigError, match=r"eval_every must be >= 1"):
         load_run_spec(p, "classifier")
 
 
