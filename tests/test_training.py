@@ -158,7 +158,9 @@ def test_tracked_segmentation_run(run, ray_session, tiny_dataset, tiny_params, p
     epoch, mask PNGs, and a registered model that loads back and segments."""
     import mlflow
 
-    spec = _spec(tiny_params, run=run, epochs=2, figures_every=1)
+    spec = _spec(
+        tiny_params, run=run, epochs=2, figures_every=1, eval_every=1
+    )  # params validate mask AP runs less often
     family = spec.create_method().task
     out = train(spec, platform, tiny_dataset, tmp_path / run / "model", tmp_path / run / "results")
     client = _client(platform)
