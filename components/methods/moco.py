@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from components.augment.colour import ColourConfig, colour_distort
 from components.data.canonical import DatasetInfo
 from components.methods.base import register_method
 from components.methods.embedding_base import (
@@ -54,7 +55,6 @@ from components.methods.embedding_base import (
     rank,
     world_size,
 )
-from components.methods.simclr import ColourConfig, colour_distort
 
 
 @dataclass

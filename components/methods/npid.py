@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from components.augment.colour import ColourConfig, colour_distort
 from components.data.canonical import DatasetInfo
 from components.methods.base import register_method
 from components.methods.embedding_base import (
@@ -56,7 +57,6 @@ from components.methods.embedding_base import (
     gather_no_grad,
     world_size,
 )
-from components.methods.simclr import ColourConfig, colour_distort
 
 VIEW = "crops"  # the representation family's view: the bank has one slot per train image of it
 
