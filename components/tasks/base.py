@@ -32,6 +32,10 @@ class TaskFamily(ABC):
     name: str
     primary_metric: str  # bare name, e.g. "top1"
     higher_is_better: bool = True
+    # ``training.augment`` policies apply to training items ``(image, target)``; families whose
+    # items are something else (two views, m-per-class crops) set this False.
+    augment_policies: bool = True
+    augment_mask_fill: int = 0  # what a geometric policy op fills a mask with where it had no pixels
 
     @abstractmethod
     def dataset(self, root: Path, split: str, train: bool) -> Dataset: ...

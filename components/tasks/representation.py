@@ -157,6 +157,7 @@ def neighbour_figure(
 class Representation(TaskFamily):
     name = "representation"
     primary_metric = "knn_top1"
+    augment_policies = False  # items are two views and an index: the method makes its own distortions
     view = "crops"
 
     def dataset(self, root: Path, split: str, train: bool) -> Dataset:

@@ -91,6 +91,7 @@ class SemanticSegmentation(TaskFamily):
     name = "semantic_segmentation"
     primary_metric = "mIoU"
     view = "scenes"
+    augment_mask_fill = IGNORE_INDEX  # pixels a policy's affine brings in are not scored
 
     def dataset(self, root: Path, split: str, train: bool) -> Dataset:
         from components.augment.geometric import scene_train_transforms

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from components.augment.policy import PolicyDataset, build_policy
+from components.config import to_dict
 from components.data.canonical import read_info
 from components.tasks import get_task
 from components.tasks.base import all_gather_objects, all_reduce_mean
@@ -39,12 +41,61 @@ class FaultDrill(RuntimeError):
     """Raised on purpose by ``training.failure.fail_at_epoch`` to exercise recovery."""
 
 
+class _TrainSession:
+    """The loop's view of Ray Train: one of the run's workers."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def get_checkpoint(self) -> ray.train.Checkpoint | None:
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, float], checkpoint: ray.train.Checkpoint | None = None) -> None:
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _TrialSession:
+    """The loop's view of a Ray Tune trial that trains in its own process (one worker): what
+    Population Based Training needs, since it hands a trial another trial's checkpoint."""
+
+    rank, world = 0, 1
+
+    def __init__(self) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def get_checkpoint(self) -> ray.train.Checkpoint | None:
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, float], checkpoint: ray.train.Checkpoint | None = None) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: one worker of a distributed run."""
+    _train(payload, _TrainSession())
+
+
+def train_loop_in_trial(payload: dict[str, Any]) -> None:
+    """The same loop inside a Ray Tune trial, without a Ray Train worker group."""
+    _train(payload, _TrialSession())
+
+
+def _train(payload: dict[str, Any], session: _TrainSession | _TrialSession) -> None:
     spec = RunSpec.from_payload(payload["spec"])
     cfg = spec.training
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     on_gpu = device.type == "cuda"
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
@@ -59,10 +110,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         method.trunk(model).load_state_dict(payload["trunk_state"])
     if on_gpu and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model)
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     train_set = task.dataset(root, "train", train=True)
+    policy = build_policy(cfg.augment, mask_fill=task.augment_mask_fill)
+    if policy is not None:  # applied after the family's own transforms, to every training item
+        train_set = PolicyDataset(train_set, policy)
     val_set = task.dataset(root, "val", train=False)
     per_worker = cfg.batch_size // world
     batch_sampler = task.train_batch_sampler(train_set, per_worker, rank, world, cfg.seed, method.cfg)
@@ -109,7 +163,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     tracker = _RankZeroTracker(payload.get("mlflow"), rank)
     start_epoch, best, history, best_state = 0, None, [], None
-    restored = ray.train.get_checkpoint()
+    augment_schedule: list[dict[str, Any]] = []  # the policies this model was trained under, from which epoch
+    restored = session.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -120,11 +175,18 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best = state["epoch"] + 1, state["best"]
+        augment_schedule = state.get("augment_schedule", [])
         _set_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         tracker.backfill(history)
         tracker.tag("resumed_from_epoch", str(state["epoch"]))
     else:
         seed_all(cfg.seed + rank)
+
+    # A trial of Population Based Training may resume another trial's checkpoint under a new
+    # policy: the schedule that made the model is its lineage, kept in the checkpoint.
+    current = to_dict(cfg.augment)
+    if not augment_schedule or augment_schedule[-1]["augment"] != current:
+        augment_schedule.append({"from_epoch": start_epoch, "augment": current})
 
     # epochs: 0 scores the initial (random) weights once, at epoch 0: a baseline row.
     for epoch in range(start_epoch, max(cfg.epochs, 1)):
@@ -132,6 +194,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             raise FaultDrill(f"fault drill: training.failure.fail_at_epoch={epoch} on a run not resumed yet")
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
+        if policy is not None:
+            train_set.set_epoch(epoch, cfg.epochs)
         model.train()
         sums: dict[str, torch.Tensor] = {}
         steps = 0
@@ -195,16 +259,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                     "epoch": epoch,
                     "best": best,
                     "rng": rng_states,
+                    "augment_schedule": augment_schedule,
                 }
                 torch.save(state, Path(tmp) / STATE_FILE)
                 torch.save(best_state, Path(tmp) / BEST_MODEL_FILE)
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                session.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             tracker.log(metrics, step=epoch)
             if cfg.figures_every and sample is not None and (epoch + 1) % cfg.figures_every == 0:
                 tracker.figure(task, sample, info.classes, f"val_predictions/epoch_{epoch:03d}.png")
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
 
 
 class _RankZeroTracker:

@@ -23,8 +23,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.augment.policy import AugmentConfig
 from components.config import ConfigError, deep_merge, from_dict, section, to_dict
 from components.methods import Method, create_method
+from components.tasks import get_task
 from components.training.optim import OptimizerConfig, SchedulerConfig
 
 
@@ -62,6 +64,7 @@ class TrainingConfig:
     grad_clip_norm: float | None = None  # clip the global gradient norm to this (DETR: 0.1)
     figures_every: int = 1  # log a PNG of validation predictions every N epochs (0: never)
     eval_every: int = 1  # validate every N epochs (and always at the last); the best model is picked among them
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # an augmentation policy on training items
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     scaling: ScalingParams = field(default_factory=ScalingParams)
@@ -88,6 +91,7 @@ class RunEntry:
     dataset: str
     config: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] | None = None  # tune@<run>: validated by components.search.config
 
 
 @dataclass
@@ -165,16 +169,38 @@ class RunSpec:
 SECTIONS = ("runs", "pretrain")
 
 
-def load_run_spec(params: dict[str, Any], run: str, source: str = "params.yaml", kind: str = "runs") -> RunSpec:
+RESERVED_RUN_NAMES = ("tune",)  # results/tune/ holds the searches' outputs
+
+
+def load_run_spec(
+    params: dict[str, Any],
+    run: str,
+    source: str = "params.yaml",
+    kind: str = "runs",
+    overrides: dict[str, Any] | None = None,
+    overrides_source: str | None = None,
+) -> RunSpec:
     """Validate ``<kind>.<run>`` (method, config) and ``training`` merged with its overrides;
-    ``kind`` is ``runs`` or ``pretrain``."""
+    ``kind`` is ``runs`` or ``pretrain``. ``overrides`` (``{"config": ..., "training": ...}``, a
+    search's best trial or a trial's sample) are merged over the entry; errors in them name
+    ``overrides_source``."""
     if kind not in SECTIONS:
         raise ValueError(f"kind must be one of {SECTIONS}, got {kind!r}")
     entries = section(params, kind, source)
     if run not in entries:
         what = "run" if kind == "runs" else "pretrain entry"
         raise ConfigError(source, f"{kind}.{run}", f"no such {what}; {kind} in the file: {', '.join(entries)}")
+    if kind == "runs" and run in RESERVED_RUN_NAMES:
+        raise ConfigError(source, f"{kind}.{run}", f"{run!r} is reserved (results/{run}/); rename the run")
     entry = from_dict(RunEntry, entries[run], source=source, key=f"{kind}.{run}")
+    if overrides:
+        where = overrides_source or source
+        unknown = sorted(set(overrides) - {"config", "training"})
+        if unknown:
+            raise ConfigError(where, unknown[0], "unknown key (overrides hold only config and training)")
+        entry.config = deep_merge(entry.config, overrides.get("config") or {})
+        entry.training = deep_merge(entry.training, overrides.get("training") or {})
+        source = f"{source} + {where}"
     defaults = params.get("training") or {}
     from_dict(TrainingConfig, defaults, source=source, key="training")  # errors in defaults name them
     training = from_dict(
@@ -182,6 +208,13 @@ def load_run_spec(params: dict[str, Any], run: str, source: str = "params.yaml",
     )
     spec = RunSpec(run, entry.method, entry.dataset, entry.config, training, os.fspath(source), kind)
     method = spec.create_method()  # validates the method name and its config now, not inside a worker
+    if training.augment.kind != "none" and not get_task(method.task).augment_policies:
+        raise ConfigError(
+            source,
+            f"{kind}.{run}.training.augment",
+            f"the {method.task} family makes its own views; augmentation policies apply to items "
+            "(image, target) of the other families",
+        )
     trunk = method.pretrained_trunk()
     if trunk is not None:
         key = f"{spec.key}.config.backbone.pretrained"
