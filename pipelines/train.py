@@ -2,6 +2,9 @@
 
 python -m pipelines.train --run classifier [--params params.yaml]
 python -m pipelines.train --pretrain digits_trunk   # pretrain@<name>: writes pretrained/<name>/
+
+A run with a ``search`` in params trains with the overrides its search wrote to
+``results/tune/<run>/best.yaml`` (tune@<run> runs first).
 """
 
 from __future__ import annotations
@@ -14,8 +17,18 @@ from components.config import ConfigError, load_yaml
 from components.data.canonical import DatasetError
 from components.methods import RegistryError
 from components.models.pretrained import PRETRAINED_ROOT
+from components.search.config import load_search
 from components.training.driver import load_platform, train
 from components.training.spec import load_run_spec
+from pipelines.tune import best_file
+
+
+def tuned_overrides(path: Path, run: str) -> dict:
+    """The best.yaml a run's search wrote; a missing or foreign one is an error naming the file."""
+    best = load_yaml(path)  # ConfigError naming the file when it is missing or malformed
+    if best.get("run") != run or not isinstance(best.get("overrides"), dict):
+        raise ConfigError(str(path), "run", f"not the search result of run {run!r} (run `dvc repro tune@{run}`)")
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,11 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--pretrain", help="a key of `pretrain` in the params file")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", type=Path, default=None, help="default: data/prepared/<dataset>")
+    parser.add_argument("--tuned", type=Path, default=None, help="a search's best.yaml (default: results/tune/<run>/)")
     args = parser.parse_args(argv)
     try:
         params = load_yaml(args.params)
         kind, name = ("pretrain", args.pretrain) if args.pretrain else ("runs", args.run)
-        spec = load_run_spec(params, name, args.params, kind)
+        overrides, tags, best_path = None, {}, args.tuned or best_file(name)
+        if kind == "runs" and load_search(params, name, args.params) is not None:
+            best = tuned_overrides(best_path, name)
+            overrides, tags = best["overrides"], {"tuned_by": str(best.get("mlflow_parent_run_id"))}
+        spec = load_run_spec(params, name, args.params, kind, overrides=overrides, overrides_source=str(best_path))
         platform = load_platform(params, args.params)
     except (ConfigError, RegistryError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
@@ -40,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir, results_dir = Path("models") / name, Path("results") / name
     try:
-        outcome = train(spec, platform, data_root, model_dir, results_dir)
+        outcome = train(spec, platform, data_root, model_dir, results_dir, tags=tags)
     except (DatasetError, ConfigError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,11 @@ def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
             # Retrieval batches hold m samples of several classes on each worker.
             short["batch_size"] = 16 if get_method_class(run["method"]).task == "retrieval" else 8
             run["training"] = deep_merge(run["training"], short)
+    for run in p["runs"].values():  # searches: two trials of one epoch
+        if run.get("search"):
+            run["search"].update(num_samples=2, epochs=1)
+            if run["search"].get("algorithm") == "faster_autoaugment":
+                run["search"]["faster_autoaugment"] = {**run["search"].get("faster_autoaugment", {}), "epochs": 1}
     for run in p["runs"].values():  # a pretrained trunk shrinks with the runs that start from it
         backbone = run["config"].get("backbone", {})
         if backbone.get("pretrained"):

@@ -50,10 +50,31 @@ def test_dvc_repro_end_to_end(tmp_path, params):
     stages = ["prepare@digits", *(f"pretrain@{name}" for name in pretrain), *(f"train@{name}" for name in runs)]
     order = [first.stdout.index(f"Running stage '{stage}'") for stage in stages]
     assert order == sorted(order)  # every pretrained trunk before any run
+    for name in runs:  # each run's search (or its note that there is none) before the run
+        assert first.stdout.index(f"Running stage 'tune@{name}'") < first.stdout.index(f"Running stage 'train@{name}'")
+        assert (project / "results" / "tune" / name / "best.yaml").is_file()
 
     db = sqlite3.connect(project / "mlflow.db")
-    finished = db.execute("select name, status from runs").fetchall()
+    finished = db.execute(
+        "select r.name, r.status from runs r join tags t on r.run_uuid = t.run_uuid "
+        "where t.key = 'stage' and t.value in ('train', 'pretrain')"
+    ).fetchall()
     assert sorted(finished) == sorted((name, "FINISHED") for name in [*runs, *pretrain])
+    searched = [name for name, run in runs.items() if run.get("search")]
+    for name in searched:  # a parent run per search, a child per trial, and the run trained with its best
+        best = yaml.safe_load((project / "results" / "tune" / name / "best.yaml").read_text())
+        parent = best["mlflow_parent_run_id"]
+        (status,) = db.execute("select status from runs where run_uuid = ?", (parent,)).fetchone()
+        assert status == "FINISHED"
+        children = db.execute(
+            "select count(*) from tags where key = 'mlflow.parentRunId' and value = ?", (parent,)
+        ).fetchone()[0]
+        assert children == (runs[name]["search"]["num_samples"] if best["algorithm"] != "faster_autoaugment" else 0)
+        tuned_by = db.execute(
+            "select t.value from tags t join runs r on r.run_uuid = t.run_uuid where t.key = 'tuned_by' and r.name = ?",
+            (name,),
+        ).fetchall()
+        assert tuned_by == [(parent,)]
     logged_by = {  # each family's primary metric; instance segmentation also logs box mAP
         "val/top1": {"classification"},
         "val/mAP": {"detection", "instance_segmentation"},
@@ -66,7 +87,11 @@ def test_dvc_repro_end_to_end(tmp_path, params):
         entries = [*runs.values(), *pretrain.values()]
         expected = sum(get_task(get_method_class(r["method"]).task).name in families for r in entries)
         assert expected > 0, key
-        steps = db.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
+        steps = db.execute(
+            "select count(*) from metrics m join tags t on m.run_uuid = t.run_uuid "
+            "where m.key = ? and t.key = 'stage' and t.value in ('train', 'pretrain')",
+            (key,),
+        ).fetchone()[0]
         assert steps == expected  # one epoch each
     aliases = db.execute("select name, alias from registered_model_aliases").fetchall()
     # Pretrained trunks and untrained baselines (epochs: 0) are not registered models.

@@ -91,11 +91,11 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def find_resumable_run(client, experiment_id: str, fingerprint: str) -> str | None:
-    """The newest unfinished run with this fingerprint (crashed or failed), if any."""
+def find_resumable_run(client, experiment_id: str, fingerprint: str, tag: str = "fingerprint") -> str | None:
+    """The newest unfinished run whose ``tag`` is ``fingerprint`` (crashed or failed), if any."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.fingerprint = '{fingerprint}'",
+        filter_string=f"tags.{tag} = '{fingerprint}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )

@@ -110,11 +110,13 @@ def train(
     model_dir: str | Path,
     results_dir: str | Path,
     pretrained_root: str | Path = PRETRAINED_ROOT,
+    tags: dict[str, str] | None = None,
 ) -> RunOutcome:
     """Train ``spec`` on Ray Train, tracked in MLflow; write the model and metrics files.
 
     A run whose backbone names a ``pretrain`` entry starts from the trunk saved under
-    ``pretrained_root``; pretrain entries themselves are not registered as models."""
+    ``pretrained_root``; pretrain entries themselves are not registered as models. ``tags`` are
+    added to the run's lineage tags (e.g. the search that chose its hyperparameters)."""
     import mlflow
 
     tracking.apply_privacy_defaults(platform.mlflow.telemetry)
@@ -154,6 +156,7 @@ def train(
                 "fingerprint": fingerprint,
                 "fault_drill_epoch": str(drill),
                 **({"pretrained_checksum": trunk_checksum} if trunk_checksum else {}),
+                **(tags or {}),
             }
         )
         if resume_id is None:

@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna searches over a run's hyperparameters and augmentation policy."""

@@ -1,0 +1,576 @@
+"""``tune@<run>``: a Ray Tune search over one run's hyperparameters or augmentation policy.
+
+- ``tpe_asha``: ``OptunaSearch`` (TPE) samples, ``ASHAScheduler`` stops weak trials at its rungs;
+- ``random``: random sampling, every trial to the end (the baseline of bench/search_efficiency.py);
+- ``pbt``: Population Based Training over a PBA policy space (components.search.pba);
+- ``faster_autoaugment``: the differentiable policy searcher, for classification.
+
+A trial of the first two is a function trainable that runs the method's Ray Train
+``TorchTrainer(...).fit()`` and forwards every epoch's report to Tune (``TuneReportCallback``), so
+ASHA sees validation curves; a PBT trial trains in its own process (Tune hands it another
+trial's checkpoint when it exploits). MLflow gets a parent run per search and a child run per
+trial (the trial's params and curves; pruned trials end KILLED with ``tune.pruned``). A killed
+search resumes: its parent run is found by fingerprint, the Tune experiment named after it is
+restored with ``Tuner.restore`` (finished trials are not re-run), a restarted trial reopens its
+own child run, and its Ray Train run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from ray.tune import Callback
+from ray.tune.stopper import Stopper
+
+from components.config import ConfigError, deep_merge, from_dict, to_dict
+from components.data.canonical import read_info
+from components.models.pretrained import PRETRAINED_ROOT, load_trunk
+from components.search import space as spaces
+from components.search.config import SearchConfig
+from components.tasks import get_task
+from components.tracking import mlflow_run as tracking
+from components.training.driver import PROJECT_ROOT, Platform, init_ray, storage_path
+from components.training.loop import STATE_FILE
+from components.training.spec import RunSpec, load_run_spec
+
+BEST_FILE, SUMMARY_FILE, TRIALS_FILE = "best.yaml", "summary.json", "trials.csv"
+SEARCH_FIGURE, POLICY_FIGURE = "search.png", "policy.png"
+FINGERPRINT_TAG = "search_fingerprint"
+
+
+@dataclass
+class SearchOutcome:
+    best: dict[str, Any]
+    summary: dict[str, Any]
+    parent_run_id: str
+    resumed: bool
+    trials: list[dict[str, Any]]  # the summary's trials with their validation curves
+
+
+def search_fingerprint(spec: RunSpec, search: SearchConfig, data_checksum: str) -> str:
+    blob = json.dumps({"run": spec.resolved(), "search": to_dict(search), "data": data_checksum}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def trial_overrides(search: SearchConfig, config: dict[str, Any]) -> dict[str, Any]:
+    """What a trial trains: the sampled point over the search's ``trial_training``, for the
+    search's epochs, validated every epoch (the scheduler compares curves)."""
+    sampled = spaces.overrides(config)
+    training = deep_merge(search.trial_training, sampled.get("training", {}))
+    training = deep_merge(training, {"epochs": search.epochs, "eval_every": 1, "figures_every": 0})
+    return {"config": sampled.get("config", {}), "training": training}
+
+
+def validate_search(params: dict[str, Any], run: str, search: SearchConfig, source: str) -> dict[str, Any]:
+    """The Tune param space, after checking that a point of it makes a valid run (so a typo in a
+    searched key fails here, naming it, not inside a trial)."""
+    key = f"runs.{run}.search.space"
+    param_space = spaces.tune_space(search.space, search.algorithm, source, key)
+    if param_space:
+        point = trial_overrides(search, spaces.first_point(param_space))
+        load_run_spec(params, run, source, overrides=point, overrides_source=key)
+    if search.algorithm == "faster_autoaugment":
+        from components.search.faster_autoaugment import FasterAAConfig
+
+        from_dict(FasterAAConfig, search.faster_autoaugment, source=source, key=f"runs.{run}.search.faster_autoaugment")
+    return param_space
+
+
+def run_search(
+    params: dict[str, Any],
+    run: str,
+    search: SearchConfig,
+    platform: Platform,
+    data_root: str | Path,
+    out_dir: str | Path,
+    source: str = "params.yaml",
+    pretrained_root: str | Path = PRETRAINED_ROOT,
+) -> SearchOutcome:
+    """Search, then write ``best.yaml`` (the overrides train@<run> merges), ``summary.json``,
+    ``trials.csv`` and figures into ``out_dir``; nothing is left there unless all are written."""
+    import mlflow
+
+    spec = load_run_spec(params, run, source)
+    param_space = validate_search(params, run, search, source)
+    method = spec.create_method()
+    task = get_task(method.task)
+    if search.algorithm == "faster_autoaugment" and method.task != "classification":
+        raise ConfigError(source, f"runs.{run}.search.algorithm", "faster_autoaugment searches classification runs")
+    info = read_info(data_root)
+    metric, mode = f"val/{task.primary_metric}", "max" if task.higher_is_better else "min"
+    fingerprint = search_fingerprint(spec, search, info.checksum)
+    trunk_state = None
+    if method.pretrained_trunk() is not None:
+        trunk_state, _ = load_trunk(
+            pretrained_root, method.pretrained_trunk(), source=source, key=f"{spec.key}.config.backbone.pretrained"
+        )
+
+    tracking.apply_privacy_defaults(platform.mlflow.telemetry)
+    uri = tracking.resolve_tracking_uri(platform.mlflow)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    experiment = mlflow.set_experiment(tracking.experiment_name(spec.dataset, method.task))
+    resume_id = tracking.find_resumable_run(client, experiment.experiment_id, fingerprint, tag=FINGERPRINT_TAG)
+    started = time.time()
+    with mlflow.start_run(run_id=resume_id, experiment_id=experiment.experiment_id, run_name=f"tune-{run}") as parent:
+        parent_id = parent.info.run_id
+        mlflow.set_tags(
+            {
+                "stage": "tune",
+                "run": run,
+                "method": spec.method,
+                "task": method.task,
+                "dataset": spec.dataset,
+                "algorithm": search.algorithm,
+                "paper": f"arXiv:{method.paper}",
+                "git_commit": tracking.git_commit(PROJECT_ROOT),
+                "data_checksum": info.checksum,
+                FINGERPRINT_TAG: fingerprint,
+            }
+        )
+        if resume_id is None:
+            tracking.log_params(client, parent_id, {"search": to_dict(search), "base": spec.resolved()})
+        try:
+            if search.algorithm == "faster_autoaugment":
+                best, trials = _faster_autoaugment(spec, search, info, source)
+            else:
+                ctx = {
+                    "params": params,
+                    "run": run,
+                    "source": source,
+                    "search": to_dict(search),
+                    "data_root": str(Path(info.root).resolve()),
+                    "tracking_uri": uri,
+                    "experiment_id": experiment.experiment_id,
+                    "parent_run_id": parent_id,
+                    "storage": storage_path(platform.storage),
+                    "name": f"tune-{run}-{parent_id[:12]}",
+                    "trunk_state": trunk_state,
+                }
+                best, trials = _tune(ctx, search, param_space, metric, mode, platform, client)
+            summary = _summary(run, search, metric, mode, best, trials, time.time() - started, parent_id)
+            best["mlflow_parent_run_id"] = parent_id
+            _write_outputs(Path(out_dir), best, summary, trials, metric)
+            for name in sorted(os.listdir(out_dir)):
+                mlflow.log_artifact(str(Path(out_dir) / name))
+            if best.get("best_value") is not None:
+                mlflow.log_metric(f"best/{task.primary_metric}", best["best_value"])
+            mlflow.log_metrics({f"search/{k}": float(v) for k, v in summary["counts"].items()})
+            mlflow.log_metric("search/wall_s", summary["wall_s"])
+        except Exception as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+    return SearchOutcome(best, summary, parent_id, resume_id is not None, trials)
+
+
+def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One trial, in a Tune trial actor: the run with the sampled point, tracked as a child run."""
+    import ray.tune
+    from mlflow import MlflowClient
+
+    from components.training.loop import train_loop_in_trial, train_loop_per_worker
+
+    search = from_dict(SearchConfig, ctx["search"], source="search")
+    trial_id = ray.tune.get_context().get_trial_id()
+    spec = load_run_spec(
+        ctx["params"], ctx["run"], ctx["source"], overrides=trial_overrides(search, config), overrides_source="trial"
+    )
+    client = MlflowClient(ctx["tracking_uri"])
+    run_id = _child_run(client, ctx, trial_id, spec, config)
+    payload = {
+        "spec": spec.to_payload(),
+        "data_root": ctx["data_root"],
+        "mlflow": {"tracking_uri": ctx["tracking_uri"], "registry_uri": None, "run_id": run_id},
+        "trunk_state": ctx["trunk_state"],
+    }
+    if search.algorithm == "pbt":
+        train_loop_in_trial(payload)
+    else:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        scaling = spec.training.scaling
+        resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+        TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=payload,
+            scaling_config=ScalingConfig(
+                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                # The same name after a restore: Ray Train resumes the trial from its checkpoint.
+                name=f"{ctx['name']}-{trial_id}",
+                storage_path=ctx["storage"],
+                failure_config=FailureConfig(max_failures=spec.training.failure.max_failures),
+                callbacks=[TuneReportCallback()],
+            ),
+        ).fit()
+    client.set_terminated(run_id, "FINISHED")  # PBT's last segment; otherwise _TrialRunCloser
+
+
+def _find_child(client, ctx: dict[str, Any], trial_id: str) -> list:
+    return client.search_runs(
+        [ctx["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{ctx['parent_run_id']}' and tags.trial_id = '{trial_id}'",
+        max_results=1,
+    )
+
+
+def _child_run(client, ctx: dict[str, Any], trial_id: str, spec: RunSpec, config: dict[str, Any]) -> str:
+    """The trial's MLflow child run: its own from before a restart, or a new one."""
+    found = _find_child(client, ctx, trial_id)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        # Reopened after a restored search restarted the trial, or after PBT handed it a checkpoint.
+        client.set_tag(run_id, "tune.reopened", str(int(found[0].data.tags.get("tune.reopened", "0")) + 1))
+        return run_id
+    run = client.create_run(
+        ctx["experiment_id"],
+        run_name=f"{ctx['run']}/{trial_id}",
+        tags={
+            "mlflow.parentRunId": ctx["parent_run_id"],
+            "trial_id": trial_id,
+            "stage": "tune-trial",
+            "run": ctx["run"],
+            "method": spec.method,
+            "dataset": spec.dataset,
+        },
+    )
+    tracking.log_params(client, run.info.run_id, {**spec.resolved(), "sampled": dict(config)})
+    return run.info.run_id
+
+
+def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platform: Platform, client):
+    from ray import tune
+
+    init_ray(platform.ray)
+    # Tune saves the experiment's state at most every 10 s by default; a trial that finished
+    # after the last save runs again after a restore. Trials take many seconds: save every second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    trainable = tune.with_parameters(_trial, ctx=ctx)
+    if search.algorithm == "pbt":  # the trial trains in its own process
+        first = load_run_spec(ctx["params"], ctx["run"], ctx["source"], overrides=trial_overrides(search, {}))
+        scaling = first.training.scaling
+        trainable = tune.with_resources(
+            trainable, {"cpu": scaling.cpus_per_worker, "gpu": scaling.gpus_per_worker if scaling.use_gpu else 0}
+        )
+    else:  # the trial only waits on its TorchTrainer, whose workers hold the resources
+        # (Tune refuses an empty request: a hundredth of a CPU)
+        trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    path = f"{ctx['storage'].rstrip('/')}/{ctx['name']}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                search_alg=_search_alg(search, metric, mode),
+                scheduler=_scheduler(search, param_space, metric, mode),
+                num_samples=search.num_samples,
+                max_concurrent_trials=search.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=ctx["name"],
+                storage_path=ctx["storage"],
+                verbose=1,
+                stop=_EpochBudget(search.budget_epochs),
+                callbacks=[_TrialRunCloser(ctx, search.epochs, search.algorithm)],
+            ),
+        )
+    grid = tuner.fit()
+    trials = [_trial_record(result, search, metric, mode) for result in grid]
+    trials.sort(key=lambda t: t["trial_id"])
+    _close_child_runs(client, ctx, trials)
+    done = [t for t in trials if t["status"] == "completed"]
+    if not done:
+        errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"])
+        raise RuntimeError(f"no trial of tune@{ctx['run']} completed ({errors or 'none ran'})")
+    pick = max if mode == "max" else min
+    best_trial = pick(done, key=lambda t: t["best_value"])
+    best_trial["best"] = True
+    best_result = next(r for r in grid if r.metrics.get("trial_id") == best_trial["trial_id"])
+    overrides = spaces.overrides(best_result.config)
+    if search.algorithm == "pbt":
+        overrides.setdefault("training", {})["augment"] = _pbt_schedule(best_result, search.epochs)
+    best = {
+        "run": ctx["run"],
+        "algorithm": search.algorithm,
+        "metric": metric,
+        "mode": mode,
+        "best_value": best_trial["best_value"],
+        "best_trial": best_trial["trial_id"],
+        "overrides": overrides,
+    }
+    return best, trials
+
+
+class _TrialRunCloser(Callback):
+    """Ends a trial's child run when Tune ends the trial, in the search driver: the trial's own
+    process is stopped as soon as its last result arrives (or the scheduler prunes it), so it
+    cannot do this itself. Holds only plain data: Tune pickles it with the experiment."""
+
+    def __init__(self, ctx: dict[str, Any], epochs: int, algorithm: str) -> None:
+        self.uri, self.epochs, self.algorithm = ctx["tracking_uri"], epochs, algorithm
+        self.ids = {k: ctx[k] for k in ("experiment_id", "parent_run_id")}
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        reached = int((trial.last_result or {}).get("training_iteration", 0) or 0)
+        pruned = reached < self.epochs and self.algorithm != "pbt"
+        self._close(trial.trial_id, "pruned" if pruned else "completed")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._close(trial.trial_id, "errored")
+
+    def _close(self, trial_id: str, status: str) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.uri)
+        found = _find_child(client, self.ids, trial_id)
+        if found:
+            _mark(client, found[0], status)
+
+
+def _mark(client, run, status: str, error: str | None = None) -> None:
+    """Tag a trial's run with how the trial ended and end it accordingly (pruned: KILLED)."""
+    run_id = run.info.run_id
+    client.set_tag(run_id, "tune.status", status)
+    if status == "pruned":
+        client.set_tag(run_id, "tune.pruned", "true")
+    if error:
+        client.set_tag(run_id, "error", error)
+    end = {"pruned": "KILLED", "errored": "FAILED"}.get(status, "FINISHED")
+    if run.info.status != end:
+        client.set_terminated(run_id, end)
+
+
+class _EpochBudget(Stopper):
+    """Tune stopper: every trial stops once all trials together have trained ``budget`` epochs."""
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget, self.epochs = budget, 0
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        self.epochs += 1  # one report per epoch
+        return self.stop_all()
+
+    def stop_all(self) -> bool:
+        return self.budget is not None and self.epochs >= self.budget
+
+
+def _search_alg(search: SearchConfig, metric: str, mode: str):
+    if search.algorithm == "tpe_asha":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=search.seed))
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=search.seed)
+
+
+def _scheduler(search: SearchConfig, param_space: dict[str, Any], metric: str, mode: str):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.search.sample import Domain
+
+    if search.algorithm == "tpe_asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=search.epochs,
+            grace_period=search.asha.grace_period,
+            reduction_factor=search.asha.reduction_factor,
+        )
+    if search.algorithm == "pbt":
+        from components.search.pba import explore_fn
+
+        mutations = {k: v for k, v in param_space.items() if isinstance(v, Domain)}
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=search.pbt.perturbation_interval,
+            quantile_fraction=search.pbt.quantile_fraction,
+            resample_probability=search.pbt.resample_probability,
+            hyperparam_mutations=mutations or None,
+            custom_explore_fn=explore_fn(search.pbt.resample_probability, search.seed),
+        )
+    return FIFOScheduler()
+
+
+def _trial_record(result, search: SearchConfig, metric: str, mode: str) -> dict[str, Any]:
+    frame = result.metrics_dataframe
+    rows = [] if frame is None or metric not in frame else frame[frame[metric].notna()]
+    curve = [float(v) for v in rows[metric]] if len(rows) else []
+    times = [float(v) for v in rows["timestamp"]] if len(rows) and "timestamp" in rows else []
+    epochs = int(result.metrics.get("training_iteration", 0) or 0)
+    if result.error is not None:
+        status = "errored"
+    elif epochs >= search.epochs or search.algorithm == "pbt":
+        status = "completed"
+    else:
+        status = "pruned"
+    pick = max if mode == "max" else min
+    return {
+        "trial_id": result.metrics.get("trial_id") or Path(result.path).name,
+        "status": status,
+        "epochs": epochs,
+        "best_value": pick(curve) if curve else None,
+        "last_value": curve[-1] if curve else None,
+        "curve": curve,
+        "times": times,  # when each point was reported (Unix seconds)
+        "config": {k: v for k, v in result.config.items()},
+        "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500],
+        "best": False,
+    }
+
+
+def _close_child_runs(client, ctx: dict[str, Any], trials: list[dict[str, Any]]) -> None:
+    """Every trial's run ends as its trial did (again, for trials ended before a restore)."""
+    for trial in trials:
+        found = _find_child(client, ctx, trial["trial_id"])
+        if not found:
+            continue
+        trial["mlflow_run_id"] = found[0].info.run_id
+        _mark(client, found[0], trial["status"], trial["error"])
+
+
+def _pbt_schedule(result, epochs: int) -> dict[str, Any]:
+    from components.search.pba import schedule_from_lineage
+
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    return schedule_from_lineage(state["augment_schedule"], epochs)
+
+
+def _faster_autoaugment(spec: RunSpec, search: SearchConfig, info, source: str):
+    import mlflow
+
+    from components.search.faster_autoaugment import FasterAAConfig, search_policy
+
+    key = f"{spec.key}.search.faster_autoaugment"
+    cfg = from_dict(FasterAAConfig, search.faster_autoaugment, source=source, key=key)
+    train_set = get_task("classification").dataset(Path(info.root), "train", train=False)
+    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    labels = torch.tensor([train_set[i][1] for i in range(len(train_set))], dtype=torch.int64)
+
+    def log(epoch: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({f"faa/{k}": float(v) for k, v in metrics.items()}, step=epoch)
+
+    result = search_policy(images, labels, info.num_classes, cfg, log=log)
+    mlflow.log_dict(result.op_weights, "op_weights.json")
+    best = {
+        "run": spec.name,
+        "algorithm": search.algorithm,
+        "metric": None,
+        "mode": None,
+        "best_value": None,
+        "best_trial": None,
+        "overrides": {"training": {"augment": result.policy}},
+    }
+    trials = [
+        {
+            "trial_id": "faster_autoaugment",
+            "status": "completed",
+            "epochs": len(result.history),
+            "curve": [],
+            "best_value": None,
+            "last_value": None,
+            "config": {},
+            "error": None,
+            "best": True,
+        }  # fmt: skip
+    ]
+    return best, trials
+
+
+def _summary(run, search, metric, mode, best, trials, wall_s: float, parent_id: str) -> dict[str, Any]:
+    counts = {s: sum(t["status"] == s for t in trials) for s in ("completed", "pruned", "errored")}
+    counts["trials"] = len(trials)
+    counts["epochs_total"] = sum(t["epochs"] for t in trials)
+    return {
+        "run": run,
+        "algorithm": search.algorithm,
+        "metric": metric,
+        "mode": mode,
+        "best_value": best["best_value"],
+        "best_trial": best["best_trial"],
+        "counts": counts,
+        "wall_s": round(wall_s, 1),
+        "mlflow_parent_run_id": parent_id,
+        "trials": [{k: v for k, v in t.items() if k not in ("curve", "times")} for t in trials],
+    }
+
+
+def _write_outputs(out_dir: Path, best, summary, trials, metric: str) -> None:
+    """Write everything into a fresh folder beside ``out_dir``, then swap it in."""
+    from components.augment.policy import policy_from_dict, schedule_figure
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        (tmp / BEST_FILE).write_text(yaml.safe_dump(best, sort_keys=False))
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        with open(tmp / TRIALS_FILE, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["trial_id", "status", "epochs", "best_value", "last_value", "best", "config"])
+            for t in trials:
+                writer.writerow(
+                    [
+                        t["trial_id"],
+                        t["status"],
+                        t["epochs"],
+                        t["best_value"],
+                        t["last_value"],
+                        t["best"],
+                        json.dumps(t["config"], sort_keys=True, default=str),
+                    ]  # fmt: skip
+                )
+        _search_figure(trials, metric, tmp / SEARCH_FIGURE)
+        augment = (best["overrides"].get("training") or {}).get("augment")
+        if augment is not None:
+            schedule_figure(policy_from_dict(augment, source=str(out_dir / BEST_FILE)), tmp / POLICY_FIGURE)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _search_figure(trials: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """Every trial's validation curve: pruned ones grey, the best one red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for t in trials:
+        if not t["curve"]:
+            continue
+        epochs = range(1, len(t["curve"]) + 1)
+        style = {"color": "red", "lw": 2, "zorder": 3} if t["best"] else {}
+        if t["status"] == "pruned":
+            style = {"color": "0.6", "ls": "--"}
+        ax.plot(epochs, t["curve"], marker="o", ms=3, label=t["trial_id"] if t["best"] else None, **style)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("trials (grey dashed: stopped early; red: best)")
+    if any(t["best"] and t["curve"] for t in trials):
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

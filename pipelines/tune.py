@@ -1,0 +1,75 @@
+"""``tune@<run>``: search one run's hyperparameters or augmentation policy with Ray Tune.
+
+python -m pipelines.tune --run classifier [--params params.yaml]
+
+Writes ``results/tune/<run>/best.yaml`` (the overrides ``train@<run>`` trains with),
+``summary.json``, ``trials.csv`` and figures. A run without ``search`` in params gets a
+``best.yaml`` saying so (train@<run> then uses its params as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from components.config import ConfigError, load_yaml
+from components.search.config import load_search
+
+TUNE_ROOT = Path("results/tune")
+
+
+def best_file(run: str) -> Path:
+    return TUNE_ROOT / run / "best.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a key of `runs` in the params file")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, default=None, help="default: data/prepared/<dataset>")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/tune/<run>")
+    args = parser.parse_args(argv)
+    out = args.out or TUNE_ROOT / args.run
+    try:
+        params = load_yaml(args.params)
+        if args.run not in (params.get("runs") or {}):
+            raise ConfigError(args.params, f"runs.{args.run}", "no such run")
+        search = load_search(params, args.run, args.params)
+    except ConfigError as exc:
+        print(f"tune: error: {exc}", file=sys.stderr)
+        return 2
+    if search is None:  # nothing to search: say so without starting anything
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.iterdir():
+            stale.unlink()
+        note = {"run": args.run, "algorithm": None, "overrides": {}}
+        (out / "best.yaml").write_text(yaml.safe_dump(note, sort_keys=False))
+        return 0
+
+    from components.data.canonical import DatasetError
+    from components.methods import RegistryError
+    from components.search.tuner import run_search
+    from components.training.driver import load_platform
+
+    try:
+        platform = load_platform(params, args.params)
+        dataset = params["runs"][args.run].get("dataset")
+        outcome = run_search(params, args.run, search, platform, args.data or Path("data/prepared") / dataset, out,
+                             source=args.params)  # fmt: skip
+    except (ConfigError, RegistryError, DatasetError) as exc:
+        print(f"tune: error: {exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k} {v}" for k, v in outcome.summary["counts"].items())
+    print(
+        f"tune {args.run}: mlflow run {outcome.parent_run_id}{' (resumed)' if outcome.resumed else ''}; "
+        f"{search.algorithm}: {counts}; best {outcome.best['metric']} {outcome.best['best_value']} "
+        f"({outcome.best['best_trial']}); wrote {out / 'best.yaml'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
