@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune: error: {exc}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{k} {v}" for k, v in outcome.summary["counts"].items())
+    best = outcome.best
+    found = f"best {best['metric']} {best['best_value']:.4f} ({best['best_trial']})" if best["metric"] else "a policy"
     print(
         f"tune {args.run}: mlflow run {outcome.parent_run_id}{' (resumed)' if outcome.resumed else ''}; "
-        f"{search.algorithm}: {counts}; best {outcome.best['metric']} {outcome.best['best_value']} "
-        f"({outcome.best['best_trial']}); wrote {out / 'best.yaml'}"
+        f"{search.algorithm}: {counts}; {found}; wrote {out / 'best.yaml'}"
     )
     return 0
 

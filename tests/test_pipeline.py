@@ -17,6 +17,17 @@ from components.tasks import get_task
 from tests.conftest import ROOT, shrink
 
 pytestmark = pytest.mark.slow
+SEARCHES = {  # tune@classifier: two trials of one epoch, then train@classifier with the best
+    "classifier": {
+        "algorithm": "tpe_asha",
+        "num_samples": 2,
+        "epochs": 1,
+        "space": {
+            "training.optimizer.lr": {"loguniform": [0.01, 0.3]},
+            "training.augment": {"policy_space": "randaugment", "n": [1, 2]},
+        },
+    }
+}
 
 
 def _copy_project(dst: Path) -> None:
@@ -37,7 +48,10 @@ def test_dvc_repro_end_to_end(tmp_path, params):
     project = tmp_path / "project"
     project.mkdir()
     _copy_project(project)
-    (project / "params.yaml").write_text(yaml.safe_dump(shrink(params, epochs=1), sort_keys=False))
+    tiny = shrink(params, epochs=1)
+    for name, search in SEARCHES.items():  # params hold searches as comments; one runs here
+        tiny["runs"][name].setdefault("search", search)
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(project)
@@ -46,7 +60,7 @@ def test_dvc_repro_end_to_end(tmp_path, params):
 
     first = _dvc(project, "repro", env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    runs, pretrain = params["runs"], params["pretrain"]
+    runs, pretrain = tiny["runs"], tiny["pretrain"]
     stages = ["prepare@digits", *(f"pretrain@{name}" for name in pretrain), *(f"train@{name}" for name in runs)]
     order = [first.stdout.index(f"Running stage '{stage}'") for stage in stages]
     assert order == sorted(order)  # every pretrained trunk before any run

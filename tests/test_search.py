@@ -249,13 +249,13 @@ def _child_runs(db_path: Path) -> list[tuple[str, str, str]]:
 
 @pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_dataset, tiny_params):
-    samples = 4
+    samples, epochs = 3, 2
     params_path, _ = _search_project(
         tmp_path,
         tiny_params,
         algorithm="tpe_asha",
         num_samples=samples,
-        epochs=3,
+        epochs=epochs,
         max_concurrent_trials=1,
         space={"training.optimizer.lr": {"loguniform": [0.01, 0.3]}},
     )
@@ -290,6 +290,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_
     experiment = client.get_experiment_by_name("digits/classification")
     parents = client.search_runs([experiment.experiment_id], "tags.stage = 'tune'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    experiments = [d for d in (tmp_path / "ray_results").iterdir() if d.name.count("-") == 2]
+    assert [d.name for d in experiments] == [f"tune-classifier-{parents[0].info.run_id[:12]}"]  # restored, not new
     children = _child_runs(db)
     trial_ids = [trial for trial, _, _ in children]
     assert len(trial_ids) == samples and len(set(trial_ids)) == samples  # no duplicate runs
@@ -300,7 +302,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_
         run = client.get_run(run_id)
         assert "tune.reopened" not in run.data.tags  # a finished trial was not run again
         steps = [m.step for m in client.get_metric_history(run_id, "val/top1")]
-        assert sorted(steps) == list(range(len(steps))) and len(steps) <= 3  # one point per epoch, once
+        assert sorted(steps) == list(range(len(steps))) and len(steps) <= epochs  # one point per epoch, once
     statuses = {t["trial_id"]: t["status"] for t in summary["trials"]}
     assert len(statuses) == samples
     expected = {"completed": "FINISHED", "pruned": "KILLED"}
@@ -337,6 +339,16 @@ def test_population_based_augmentation_finds_a_schedule(tmp_path, tiny_dataset, 
     assert augment["schedule"][0]["from_fraction"] == 0.0
     assert {op["op"] for op in augment["schedule"][0]["ops"]} == {"rotate", "invert", "contrast"}
     assert outcome.summary["counts"] == {"completed": 2, "pruned": 0, "errored": 0, "trials": 2, "epochs_total": 6}
+    # Synchronous PBT over two members: after every epoch the weaker copies the stronger's weights
+    # and explores its policy, so a checkpoint trained after an exploit has a longer lineage.
+    import torch
+
+    lineages = [
+        torch.load(state, weights_only=True)["augment_schedule"]
+        for state in (tmp_path / "ray_results").glob("tune-classifier-*/*/checkpoint_*/state.pt")
+    ]
+    assert lineages and max(len(lineage) for lineage in lineages) >= 2
+    assert any(op["prob"] > 0 for lineage in lineages for e in lineage for op in e["augment"]["schedule"][0]["ops"])
     assert (out / "policy.png").stat().st_size > 0
     spec = load_run_spec(p, "classifier", overrides=outcome.best["overrides"], overrides_source="best.yaml")
     assert spec.training.augment.kind == "pba"

@@ -120,11 +120,12 @@ def test_worker_failure_recovers_within_the_run(ray_session, tiny_dataset, tiny_
 
 @pytest.mark.parametrize("run", ["retinanet", "detr"])
 def test_tracked_detection_run(run, ray_session, tiny_dataset, tiny_params, platform, tmp_path):
-    """A detector through the whole path: DDP on 2 workers, COCO mAP per epoch, a predictions
-    PNG per evaluation, and a registered model that loads back and detects."""
+    """A detector through the whole path: DDP on 2 workers, an augmentation policy moving the
+    boxes, COCO mAP per epoch, a predictions PNG per evaluation, and a registered model that
+    loads back and detects."""
     import mlflow
 
-    spec = _spec(tiny_params, run=run, epochs=2, figures_every=1)
+    spec = _spec(tiny_params, run=run, epochs=2, figures_every=1, augment={"kind": "trivialaugment"})
     client = _client(platform)
     trunk = spec.create_method().pretrained_trunk()
     pretrained_root = tmp_path / "pretrained"
@@ -138,6 +139,7 @@ def test_tracked_detection_run(run, ray_session, tiny_dataset, tiny_params, plat
     out = train(spec, platform, tiny_dataset, tmp_path / run / "model", tmp_path / run / "results", pretrained_root)
     mlrun = client.get_run(out.run_id)
     assert ("pretrained_checksum" in mlrun.data.tags) == (trunk is not None)
+    assert mlrun.data.params["training.augment.kind"] == "trivialaugment"
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["task"] == "detection"
     assert _steps(client, out.run_id, "val/mAP") == [0, 1]
     assert {"test/mAP", "test/mAP50", "test/mAP75"} <= set(mlrun.data.metrics)
@@ -158,14 +160,15 @@ def test_tracked_segmentation_run(run, ray_session, tiny_dataset, tiny_params, p
     epoch, mask PNGs, and a registered model that loads back and segments."""
     import mlflow
 
-    spec = _spec(
-        tiny_params, run=run, epochs=2, figures_every=1, eval_every=1
-    )  # params validate mask AP runs less often
+    augment = {"kind": "randaugment", "n": 2, "m": 0.5}  # geometric ops move the masks (semantic: fill 255)
+    # eval_every 1: params validate mask AP runs less often
+    spec = _spec(tiny_params, run=run, epochs=2, figures_every=1, eval_every=1, augment=augment)
     family = spec.create_method().task
     out = train(spec, platform, tiny_dataset, tmp_path / run / "model", tmp_path / run / "results")
     client = _client(platform)
     mlrun = client.get_run(out.run_id)
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["task"] == family
+    assert mlrun.data.params["training.augment.kind"] == "randaugment"
     primary = {"semantic_segmentation": "mIoU", "instance_segmentation": "mask_mAP"}[family]
     assert _steps(client, out.run_id, f"val/{primary}") == [0, 1]
     expected = {"mIoU", "pixel_acc", "IoU/background"} if primary == "mIoU" else {"mask_mAP", "mask_mAP50", "mAP"}

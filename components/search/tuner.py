@@ -47,6 +47,8 @@ from components.training.spec import RunSpec, load_run_spec
 BEST_FILE, SUMMARY_FILE, TRIALS_FILE = "best.yaml", "summary.json", "trials.csv"
 SEARCH_FIGURE, POLICY_FIGURE = "search.png", "policy.png"
 FINGERPRINT_TAG = "search_fingerprint"
+SEED_KEY = "training.seed"
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes Ray reserves for a trial's driver (it waits on its TorchTrainer)
 
 
 @dataclass
@@ -267,9 +269,11 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
         trainable = tune.with_resources(
             trainable, {"cpu": scaling.cpus_per_worker, "gpu": scaling.gpus_per_worker if scaling.use_gpu else 0}
         )
-    else:  # the trial only waits on its TorchTrainer, whose workers hold the resources
-        # (Tune refuses an empty request: a hundredth of a CPU)
-        trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    else:  # the trial only waits on its TorchTrainer, whose workers hold the CPUs; Tune refuses an
+        # empty request, and any CPU share would leave the last worker group short of a whole CPU
+        trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    if search.algorithm == "pbt":  # members differ by seed (data order, sampled ops) before any exploration
+        param_space = {**param_space, SEED_KEY: tune.randint(0, 2**16)}
     path = f"{ctx['storage'].rstrip('/')}/{ctx['name']}"
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -284,6 +288,7 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
                 scheduler=_scheduler(search, param_space, metric, mode),
                 num_samples=search.num_samples,
                 max_concurrent_trials=search.max_concurrent_trials,
+                trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=ctx["name"],
@@ -304,10 +309,11 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
     pick = max if mode == "max" else min
     best_trial = pick(done, key=lambda t: t["best_value"])
     best_trial["best"] = True
-    best_result = next(r for r in grid if r.metrics.get("trial_id") == best_trial["trial_id"])
+    best_result = next(r for r in grid if Path(r.path).name == best_trial["trial_id"])
     overrides = spaces.overrides(best_result.config)
-    if search.algorithm == "pbt":
+    if search.algorithm == "pbt":  # the schedule, not the member's seed, is what was found
         overrides.setdefault("training", {})["augment"] = _pbt_schedule(best_result, search.epochs)
+        overrides["training"].pop("seed", None)
     best = {
         "run": ctx["run"],
         "algorithm": search.algorithm,
@@ -318,6 +324,11 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
         "overrides": overrides,
     }
     return best, trials
+
+
+def _trial_dirname(trial) -> str:
+    """A trial's folder is its id, so results map back to trials (and child runs) by path."""
+    return trial.trial_id
 
 
 class _TrialRunCloser(Callback):
@@ -398,7 +409,7 @@ def _scheduler(search: SearchConfig, param_space: dict[str, Any], metric: str, m
     if search.algorithm == "pbt":
         from components.search.pba import explore_fn
 
-        mutations = {k: v for k, v in param_space.items() if isinstance(v, Domain)}
+        mutations = {k: v for k, v in param_space.items() if isinstance(v, Domain) and k != SEED_KEY}
         return PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=search.pbt.perturbation_interval,
@@ -406,6 +417,10 @@ def _scheduler(search: SearchConfig, param_space: dict[str, Any], metric: str, m
             resample_probability=search.pbt.resample_probability,
             hyperparam_mutations=mutations or None,
             custom_explore_fn=explore_fn(search.pbt.resample_probability, search.seed),
+            # Synchronous: the population is compared at the same epoch. Asynchronous PBT with
+            # fewer concurrent trials than members compares a trial that just trained with ones
+            # paused epochs earlier, so the one reporting always looks best and nobody is exploited.
+            synch=True,
         )
     return FIFOScheduler()
 
@@ -424,7 +439,8 @@ def _trial_record(result, search: SearchConfig, metric: str, mode: str) -> dict[
         status = "pruned"
     pick = max if mode == "max" else min
     return {
-        "trial_id": result.metrics.get("trial_id") or Path(result.path).name,
+        # Not result.metrics["trial_id"]: a PBT member that cloned another reports the donor's.
+        "trial_id": Path(result.path).name,
         "status": status,
         "epochs": epochs,
         "best_value": pick(curve) if curve else None,
@@ -447,12 +463,17 @@ def _close_child_runs(client, ctx: dict[str, Any], trials: list[dict[str, Any]])
         _mark(client, found[0], trial["status"], trial["error"])
 
 
+def _lineage(result) -> list[dict[str, Any]]:
+    """The policies a PBT member's latest weights were trained under (kept by the loop)."""
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    return state["augment_schedule"]
+
+
 def _pbt_schedule(result, epochs: int) -> dict[str, Any]:
     from components.search.pba import schedule_from_lineage
 
-    with result.checkpoint.as_directory() as ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-    return schedule_from_lineage(state["augment_schedule"], epochs)
+    return schedule_from_lineage(_lineage(result), epochs)
 
 
 def _faster_autoaugment(spec: RunSpec, search: SearchConfig, info, source: str):
@@ -538,7 +559,8 @@ def _write_outputs(out_dir: Path, best, summary, trials, metric: str) -> None:
                         json.dumps(t["config"], sort_keys=True, default=str),
                     ]  # fmt: skip
                 )
-        _search_figure(trials, metric, tmp / SEARCH_FIGURE)
+        if any(t["curve"] for t in trials):
+            _search_figure(trials, metric, tmp / SEARCH_FIGURE)
         augment = (best["overrides"].get("training") or {}).get("augment")
         if augment is not None:
             schedule_figure(policy_from_dict(augment, source=str(out_dir / BEST_FILE)), tmp / POLICY_FIGURE)
