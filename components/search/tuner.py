@@ -302,12 +302,14 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
     trials = [_trial_record(result, search, metric, mode) for result in grid]
     trials.sort(key=lambda t: t["trial_id"])
     _close_child_runs(client, ctx, trials)
-    done = [t for t in trials if t["status"] == "completed"]
-    if not done:
+    # Among every trial that validated, not only those that ran to the end: ASHA stops a trial
+    # when others did better at its rung, and a budget (budget_epochs) can stop a leading one.
+    scored = [t for t in trials if t["status"] != "errored" and t["best_value"] is not None]
+    if not scored:
         errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"])
-        raise RuntimeError(f"no trial of tune@{ctx['run']} completed ({errors or 'none ran'})")
+        raise RuntimeError(f"no trial of tune@{ctx['run']} validated ({errors or 'none ran'})")
     pick = max if mode == "max" else min
-    best_trial = pick(done, key=lambda t: t["best_value"])
+    best_trial = pick(scored, key=lambda t: t["best_value"])
     best_trial["best"] = True
     best_result = next(r for r in grid if Path(r.path).name == best_trial["trial_id"])
     overrides = spaces.overrides(best_result.config)
