@@ -163,8 +163,8 @@ def test_search_config_merges_defaults_and_validates(params):
     assert load_search(params, "classifier_gc") is None
     with pytest.raises(ConfigError, match=r"runs\.classifier\.search\.algorithm"):
         load_search(_with_search(params, algorithm="bayes", space={"x": 1}), "classifier")
-    with pytest.raises(ConfigError, match="needs a non-empty space"):
-        load_search(_with_search(params), "classifier")
+    with pytest.raises(ConfigError, match="pbt needs a space"):
+        load_search(_with_search(params, algorithm="pbt", num_samples=2), "classifier")
     with pytest.raises(ConfigError, match="population"):
         load_search(_with_search(params, algorithm="pbt", num_samples=1, space={"x": 1}), "classifier")
 
@@ -177,6 +177,15 @@ def test_a_typo_in_a_searched_key_fails_before_any_trial(params):
     p["runs"]["simclr"]["search"] = p["runs"]["classifier"]["search"]
     with pytest.raises(ConfigError, match="makes its own views"):
         validate_search(p, "simclr", load_search(p, "simclr"), "params.yaml")
+
+
+def test_an_empty_space_is_the_methods_default(params):
+    p = _with_search(params)  # no space: the classifier's own (dropout)
+    space = validate_search(p, "classifier", load_search(p, "classifier"), "params.yaml")
+    assert set(space) == {"config.dropout"} and space["config.dropout"].upper == 0.3
+    p["runs"]["retinanet"]["search"] = {}
+    with pytest.raises(ConfigError, match="no default search space"):
+        validate_search(p, "retinanet", load_search(p, "retinanet"), "params.yaml")
 
 
 def test_trial_overrides_apply_trial_training_and_the_search_budget(params):

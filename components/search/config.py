@@ -70,7 +70,7 @@ class SearchConfig:
     seed: int = 0
     budget_epochs: int | None = None  # stop the whole search once its trials trained this many epochs in all
     trial_training: dict[str, Any] = field(default_factory=dict)  # `training` overrides for trials only
-    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> distribution (components.search.space)
+    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> distribution; empty: the method's default
     asha: AshaParams = field(default_factory=AshaParams)
     pbt: PbtParams = field(default_factory=PbtParams)
     faster_autoaugment: dict[str, Any] = field(default_factory=dict)  # FasterAAConfig fields
@@ -86,8 +86,8 @@ class SearchConfig:
             raise ValueError("budget_epochs must be >= epochs (one trial's schedule) or null")
         if self.algorithm == "pbt" and self.num_samples < 2:
             raise ValueError("pbt needs a population: num_samples >= 2")
-        if self.algorithm in ("tpe_asha", "random", "pbt") and not self.space:
-            raise ValueError(f"algorithm {self.algorithm} needs a non-empty space")
+        if self.algorithm == "pbt" and not self.space:
+            raise ValueError("algorithm pbt needs a space (e.g. training.augment: {policy_space: pba})")
 
 
 def load_search(params: dict[str, Any], run: str, source: str = "params.yaml") -> SearchConfig | None:

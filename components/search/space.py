@@ -169,3 +169,13 @@ def first_point(param_space: dict[str, Any]) -> dict[str, Any]:
         else:
             point[name] = domain
     return point
+
+
+def method_space(method_space: dict[str, Any]) -> dict[str, Any]:
+    """A method's default space (``Method.search_space()``: ``{key: {"type": "uniform", "low": a,
+    "high": b}}`` over its config keys; ``choice`` takes ``values``) in the params syntax above."""
+    out: dict[str, Any] = {}
+    for key, spec in method_space.items():
+        kind = spec["type"]
+        out[f"config.{key}"] = {kind: list(spec["values"]) if kind == "choice" else [spec["low"], spec["high"]]}
+    return out

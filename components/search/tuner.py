@@ -78,7 +78,13 @@ def validate_search(params: dict[str, Any], run: str, search: SearchConfig, sour
     """The Tune param space, after checking that a point of it makes a valid run (so a typo in a
     searched key fails here, naming it, not inside a trial)."""
     key = f"runs.{run}.search.space"
-    param_space = spaces.tune_space(search.space, search.algorithm, source, key)
+    space = search.space
+    if not space and search.algorithm in ("tpe_asha", "random"):
+        method = load_run_spec(params, run, source).create_method()
+        space = spaces.method_space(method.search_space())
+        if not space:
+            raise ConfigError(source, key, f"method {method.name!r} has no default search space; give one here")
+    param_space = spaces.tune_space(space, search.algorithm, source, key)
     if param_space:
         point = trial_overrides(search, spaces.first_point(param_space))
         load_run_spec(params, run, source, overrides=point, overrides_source=key)
