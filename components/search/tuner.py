@@ -385,7 +385,8 @@ class _EpochBudget(Stopper):
         self.budget, self.epochs = budget, 0
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        self.epochs += 1  # one report per epoch
+        if not result.get("done"):  # one report per epoch, then a closing one when the trial returns
+            self.epochs += 1
         return self.stop_all()
 
     def stop_all(self) -> bool:
