@@ -17,20 +17,15 @@ own child run, and its Ray Train run resumes from its checkpoint.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from components.config import ConfigError, deep_merge, from_dict, to_dict
@@ -38,14 +33,14 @@ from components.data.canonical import read_info
 from components.models.pretrained import PRETRAINED_ROOT, load_trunk
 from components.search import space as spaces
 from components.search.config import SearchConfig
+from components.search.report import summarize, write_outputs
+from components.search.trial_runs import TrialRunCloser, close_child_runs, open_child_run
 from components.tasks import get_task
 from components.tracking import mlflow_run as tracking
 from components.training.driver import PROJECT_ROOT, Platform, init_ray, storage_path
 from components.training.loop import STATE_FILE
 from components.training.spec import RunSpec, load_run_spec
 
-BEST_FILE, SUMMARY_FILE, TRIALS_FILE = "best.yaml", "summary.json", "trials.csv"
-SEARCH_FIGURE, POLICY_FIGURE = "search.png", "policy.png"
 FINGERPRINT_TAG = "search_fingerprint"
 SEED_KEY = "training.seed"
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes Ray reserves for a trial's driver (it waits on its TorchTrainer)
@@ -167,9 +162,9 @@ def run_search(
                     "trunk_state": trunk_state,
                 }
                 best, trials = _tune(ctx, search, param_space, metric, mode, platform, client)
-            summary = _summary(run, search, metric, mode, best, trials, time.time() - started, parent_id)
+            summary = summarize(run, search, metric, mode, best, trials, time.time() - started, parent_id)
             best["mlflow_parent_run_id"] = parent_id
-            _write_outputs(Path(out_dir), best, summary, trials, metric)
+            write_outputs(Path(out_dir), best, summary, trials, metric)
             for name in sorted(os.listdir(out_dir)):
                 mlflow.log_artifact(str(Path(out_dir) / name))
             if best.get("best_value") is not None:
@@ -195,7 +190,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         ctx["params"], ctx["run"], ctx["source"], overrides=trial_overrides(search, config), overrides_source="trial"
     )
     client = MlflowClient(ctx["tracking_uri"])
-    run_id = _child_run(client, ctx, trial_id, spec, config)
+    run_id = open_child_run(client, ctx, trial_id, spec, config)
     payload = {
         "spec": spec.to_payload(),
         "data_root": ctx["data_root"],
@@ -225,40 +220,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 callbacks=[TuneReportCallback()],
             ),
         ).fit()
-    client.set_terminated(run_id, "FINISHED")  # PBT's last segment; otherwise _TrialRunCloser
-
-
-def _find_child(client, ctx: dict[str, Any], trial_id: str) -> list:
-    return client.search_runs(
-        [ctx["experiment_id"]],
-        filter_string=f"tags.mlflow.parentRunId = '{ctx['parent_run_id']}' and tags.trial_id = '{trial_id}'",
-        max_results=1,
-    )
-
-
-def _child_run(client, ctx: dict[str, Any], trial_id: str, spec: RunSpec, config: dict[str, Any]) -> str:
-    """The trial's MLflow child run: its own from before a restart, or a new one."""
-    found = _find_child(client, ctx, trial_id)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        # Reopened after a restored search restarted the trial, or after PBT handed it a checkpoint.
-        client.set_tag(run_id, "tune.reopened", str(int(found[0].data.tags.get("tune.reopened", "0")) + 1))
-        return run_id
-    run = client.create_run(
-        ctx["experiment_id"],
-        run_name=f"{ctx['run']}/{trial_id}",
-        tags={
-            "mlflow.parentRunId": ctx["parent_run_id"],
-            "trial_id": trial_id,
-            "stage": "tune-trial",
-            "run": ctx["run"],
-            "method": spec.method,
-            "dataset": spec.dataset,
-        },
-    )
-    tracking.log_params(client, run.info.run_id, {**spec.resolved(), "sampled": dict(config)})
-    return run.info.run_id
+    client.set_terminated(run_id, "FINISHED")  # PBT's last segment; otherwise TrialRunCloser
 
 
 def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platform: Platform, client):
@@ -301,13 +263,13 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
                 storage_path=ctx["storage"],
                 verbose=1,
                 stop=_EpochBudget(search.budget_epochs),
-                callbacks=[_TrialRunCloser(ctx, search.epochs, search.algorithm)],
+                callbacks=[TrialRunCloser(ctx, search.epochs, search.algorithm)],
             ),
         )
     grid = tuner.fit()
     trials = [_trial_record(result, search, metric, mode) for result in grid]
     trials.sort(key=lambda t: t["trial_id"])
-    _close_child_runs(client, ctx, trials)
+    close_child_runs(client, ctx, trials)
     # Among every trial that validated, not only those that ran to the end: ASHA stops a trial
     # when others did better at its rung, and a budget (budget_epochs) can stop a leading one.
     scored = [t for t in trials if t["status"] != "errored" and t["best_value"] is not None]
@@ -337,45 +299,6 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
 def _trial_dirname(trial) -> str:
     """A trial's folder is its id, so results map back to trials (and child runs) by path."""
     return trial.trial_id
-
-
-class _TrialRunCloser(Callback):
-    """Ends a trial's child run when Tune ends the trial, in the search driver: the trial's own
-    process is stopped as soon as its last result arrives (or the scheduler prunes it), so it
-    cannot do this itself. Holds only plain data: Tune pickles it with the experiment."""
-
-    def __init__(self, ctx: dict[str, Any], epochs: int, algorithm: str) -> None:
-        self.uri, self.epochs, self.algorithm = ctx["tracking_uri"], epochs, algorithm
-        self.ids = {k: ctx[k] for k in ("experiment_id", "parent_run_id")}
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        reached = int((trial.last_result or {}).get("training_iteration", 0) or 0)
-        pruned = reached < self.epochs and self.algorithm != "pbt"
-        self._close(trial.trial_id, "pruned" if pruned else "completed")
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._close(trial.trial_id, "errored")
-
-    def _close(self, trial_id: str, status: str) -> None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.uri)
-        found = _find_child(client, self.ids, trial_id)
-        if found:
-            _mark(client, found[0], status)
-
-
-def _mark(client, run, status: str, error: str | None = None) -> None:
-    """Tag a trial's run with how the trial ended and end it accordingly (pruned: KILLED)."""
-    run_id = run.info.run_id
-    client.set_tag(run_id, "tune.status", status)
-    if status == "pruned":
-        client.set_tag(run_id, "tune.pruned", "true")
-    if error:
-        client.set_tag(run_id, "error", error)
-    end = {"pruned": "KILLED", "errored": "FAILED"}.get(status, "FINISHED")
-    if run.info.status != end:
-        client.set_terminated(run_id, end)
 
 
 class _EpochBudget(Stopper):
@@ -462,16 +385,6 @@ def _trial_record(result, search: SearchConfig, metric: str, mode: str) -> dict[
     }
 
 
-def _close_child_runs(client, ctx: dict[str, Any], trials: list[dict[str, Any]]) -> None:
-    """Every trial's run ends as its trial did (again, for trials ended before a restore)."""
-    for trial in trials:
-        found = _find_child(client, ctx, trial["trial_id"])
-        if not found:
-            continue
-        trial["mlflow_run_id"] = found[0].info.run_id
-        _mark(client, found[0], trial["status"], trial["error"])
-
-
 def _lineage(result) -> list[dict[str, Any]]:
     """The policies a PBT member's latest weights were trained under (kept by the loop)."""
     with result.checkpoint.as_directory() as ckpt_dir:
@@ -524,84 +437,3 @@ def _faster_autoaugment(spec: RunSpec, search: SearchConfig, info, source: str):
         }  # fmt: skip
     ]
     return best, trials
-
-
-def _summary(run, search, metric, mode, best, trials, wall_s: float, parent_id: str) -> dict[str, Any]:
-    counts = {s: sum(t["status"] == s for t in trials) for s in ("completed", "pruned", "errored")}
-    counts["trials"] = len(trials)
-    counts["epochs_total"] = sum(t["epochs"] for t in trials)
-    return {
-        "run": run,
-        "algorithm": search.algorithm,
-        "metric": metric,
-        "mode": mode,
-        "best_value": best["best_value"],
-        "best_trial": best["best_trial"],
-        "counts": counts,
-        "wall_s": round(wall_s, 1),
-        "mlflow_parent_run_id": parent_id,
-        "trials": [{k: v for k, v in t.items() if k not in ("curve", "times")} for t in trials],
-    }
-
-
-def _write_outputs(out_dir: Path, best, summary, trials, metric: str) -> None:
-    """Write everything into a fresh folder beside ``out_dir``, then swap it in."""
-    from components.augment.policy import policy_from_dict, schedule_figure
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        (tmp / BEST_FILE).write_text(yaml.safe_dump(best, sort_keys=False))
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        with open(tmp / TRIALS_FILE, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["trial_id", "status", "epochs", "best_value", "last_value", "best", "config"])
-            for t in trials:
-                writer.writerow(
-                    [
-                        t["trial_id"],
-                        t["status"],
-                        t["epochs"],
-                        t["best_value"],
-                        t["last_value"],
-                        t["best"],
-                        json.dumps(t["config"], sort_keys=True, default=str),
-                    ]  # fmt: skip
-                )
-        if any(t["curve"] for t in trials):
-            _search_figure(trials, metric, tmp / SEARCH_FIGURE)
-        augment = (best["overrides"].get("training") or {}).get("augment")
-        if augment is not None:
-            schedule_figure(policy_from_dict(augment, source=str(out_dir / BEST_FILE)), tmp / POLICY_FIGURE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _search_figure(trials: list[dict[str, Any]], metric: str, path: Path) -> None:
-    """Every trial's validation curve: pruned ones grey, the best one red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for t in trials:
-        if not t["curve"]:
-            continue
-        epochs = range(1, len(t["curve"]) + 1)
-        style = {"color": "red", "lw": 2, "zorder": 3} if t["best"] else {}
-        if t["status"] == "pruned":
-            style = {"color": "0.6", "ls": "--"}
-        ax.plot(epochs, t["curve"], marker="o", ms=3, label=t["trial_id"] if t["best"] else None, **style)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title("trials (grey dashed: stopped early; red: best)")
-    if any(t["best"] and t["curve"] for t in trials):
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
