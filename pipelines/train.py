@@ -18,6 +18,7 @@ from components.data.canonical import DatasetError
 from components.methods import RegistryError
 from components.models.pretrained import PRETRAINED_ROOT
 from components.search.config import load_search
+from components.tracking.mlflow_run import exit_on_sigterm
 from components.training.driver import load_platform, train
 from components.training.spec import load_run_spec
 from pipelines.tune import best_file
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = results_dir = PRETRAINED_ROOT / name
     else:
         model_dir, results_dir = Path("models") / name, Path("results") / name
+    exit_on_sigterm()
     try:
         outcome = train(spec, platform, data_root, model_dir, results_dir, tags=tags)
     except (DatasetError, ConfigError) as exc:

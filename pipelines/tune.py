@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from components.data.canonical import DatasetError
     from components.methods import RegistryError
     from components.search.tuner import run_search
+    from components.tracking.mlflow_run import exit_on_sigterm
     from components.training.driver import load_platform
 
+    exit_on_sigterm()
     try:
         platform = load_platform(params, args.params)
         dataset = params["runs"][args.run].get("dataset")

@@ -35,9 +35,10 @@ from components.search import space as spaces
 from components.search.config import SearchConfig
 from components.search.report import summarize, write_outputs
 from components.search.trial_runs import TrialRunCloser, close_child_runs, open_child_run
+from components.storage.cluster import RayStorage
 from components.tasks import get_task
 from components.tracking import mlflow_run as tracking
-from components.training.driver import PROJECT_ROOT, Platform, init_ray, storage_path
+from components.training.driver import PROJECT_ROOT, Platform, data_payload, init_ray, storage_for
 from components.training.loop import STATE_FILE
 from components.training.spec import RunSpec, load_run_spec
 
@@ -148,16 +149,17 @@ def run_search(
             if search.algorithm == "faster_autoaugment":
                 best, trials = _faster_autoaugment(spec, search, info, source)
             else:
+                storage = storage_for(platform.storage)
                 ctx = {
                     "params": params,
                     "run": run,
                     "source": source,
                     "search": to_dict(search),
-                    "data_root": str(Path(info.root).resolve()),
+                    "data": data_payload(info, storage),
                     "tracking_uri": uri,
                     "experiment_id": experiment.experiment_id,
                     "parent_run_id": parent_id,
-                    "storage": storage_path(platform.storage),
+                    "storage": [storage.uri, storage.endpoint_url],
                     "name": f"tune-{run}-{parent_id[:12]}",
                     "trunk_state": trunk_state,
                 }
@@ -171,7 +173,7 @@ def run_search(
                 mlflow.log_metric(f"best/{task.primary_metric}", best["best_value"])
             mlflow.log_metrics({f"search/{k}": float(v) for k, v in summary["counts"].items()})
             mlflow.log_metric("search/wall_s", summary["wall_s"])
-        except Exception as exc:
+        except BaseException as exc:  # also SystemExit from SIGTERM: the run ends FAILED, saying why
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             raise
     return SearchOutcome(best, summary, parent_id, resume_id is not None, trials)
@@ -193,7 +195,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     run_id = open_child_run(client, ctx, trial_id, spec, config)
     payload = {
         "spec": spec.to_payload(),
-        "data_root": ctx["data_root"],
+        **ctx["data"],
         "mlflow": {"tracking_uri": ctx["tracking_uri"], "registry_uri": None, "run_id": run_id},
         "trunk_state": ctx["trunk_state"],
     }
@@ -215,7 +217,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             run_config=RunConfig(
                 # The same name after a restore: Ray Train resumes the trial from its checkpoint.
                 name=f"{ctx['name']}-{trial_id}",
-                storage_path=ctx["storage"],
+                **RayStorage(*ctx["storage"]).run_config_args(),
                 failure_config=FailureConfig(max_failures=spec.training.failure.max_failures),
                 callbacks=[TuneReportCallback()],
             ),
@@ -242,9 +244,12 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if search.algorithm == "pbt":  # members differ by seed (data order, sampled ops) before any exploration
         param_space = {**param_space, SEED_KEY: tune.randint(0, 2**16)}
-    path = f"{ctx['storage'].rstrip('/')}/{ctx['name']}"
-    if tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    storage = RayStorage(*ctx["storage"])
+    path, filesystem = storage.ray_path(ctx["name"]), storage.filesystem()
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -260,7 +265,7 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
             ),
             run_config=tune.RunConfig(
                 name=ctx["name"],
-                storage_path=ctx["storage"],
+                **storage.run_config_args(),
                 verbose=1,
                 stop=_EpochBudget(search.budget_epochs),
                 callbacks=[TrialRunCloser(ctx, search.epochs, search.algorithm)],

@@ -122,14 +122,17 @@ def download_prefix(uri: str, dest: Path, endpoint_url: str | None = None) -> li
     return sorted(dest.joinpath(*rel.parts) for _, rel in plan)
 
 
-def upload_dir(src: Path, uri: str, endpoint_url: str | None = None) -> int:
-    """Upload every file under ``src`` to ``uri/<path relative to src>``; returns the file count."""
+def upload_dir(src: Path, uri: str, endpoint_url: str | None = None, last: str | None = None) -> int:
+    """Upload every file under ``src`` to ``uri/<path relative to src>``; returns the file count.
+
+    ``last`` (a path relative to ``src``) is uploaded after every other file, so readers that
+    wait for it never see a partial folder."""
     src = Path(src)
     if not src.is_dir():
         raise NotADirectoryError(f"{src}: not a folder (nothing to upload to {uri})")
     bucket, prefix = split_s3_uri(uri)
     client = s3_client(endpoint_url)
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: (p.relative_to(src).as_posix() == last, p))
     for path in files:
         rel = path.relative_to(src).as_posix()
         key = f"{prefix}/{rel}" if prefix else rel

@@ -21,6 +21,7 @@ from components.config import flatten
 CHAMPION = "champion"
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|api[_-]?key|access[_-]?key|auth)", re.I)
 REDACTED = "<redacted>"
+GIT_COMMIT_ENV = "CVFLOW_GIT_COMMIT"  # the commit, where the checkout has no .git (a Ray job's copy)
 
 
 @dataclass
@@ -50,6 +51,18 @@ def apply_privacy_defaults(telemetry: bool) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "false" if telemetry else "true")
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``ray job stop``, a pod eviction, ``kill``) into ``SystemExit`` in the main
+    thread, so ``with mlflow.start_run()`` ends the run FAILED with the reason instead of the
+    process vanishing and leaving it RUNNING. The next ``dvc repro`` reopens the run and resumes."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(f"terminated by signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def experiment_name(dataset: str, task: str) -> str:
     return f"{dataset}/{task}"
 
@@ -58,8 +71,16 @@ def registered_model_name(dataset: str, method: str) -> str:
     return f"{dataset}-{method}"
 
 
+def is_secret_key(name: str) -> bool:
+    """Whether a parameter or variable name looks like it holds a credential."""
+    return bool(_SECRET_KEY.search(name))
+
+
 def git_commit(cwd: str | Path = ".") -> str:
-    """The checked-out commit (``+dirty`` when tracked files changed), or ``unknown`` outside git."""
+    """The checked-out commit (``+dirty`` when tracked files changed); outside git, the commit
+    in ``CVFLOW_GIT_COMMIT`` (set for a Ray job by its submitter), else ``unknown``."""
+    if not (Path(cwd) / ".git").exists() and os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
@@ -79,7 +100,7 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
     """Flattened params with values of secret-looking keys replaced."""
-    return {k: (REDACTED if _SECRET_KEY.search(k) else v) for k, v in flatten(params).items()}
+    return {k: (REDACTED if is_secret_key(k) else v) for k, v in flatten(params).items()}
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:

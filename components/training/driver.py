@@ -22,6 +22,7 @@ from components.data.canonical import MANIFEST, DatasetInfo, read_info
 from components.data.card import CARD
 from components.models.pretrained import PRETRAINED_ROOT, load_trunk
 from components.storage import DvcRemoteParams
+from components.storage.cluster import RayStorage, ray_storage, stage_dataset
 from components.tasks import get_task
 from components.tracking import figures
 from components.tracking import mlflow_run as tracking
@@ -87,9 +88,15 @@ def init_ray(cfg: RayParams) -> None:
     )
 
 
-def storage_path(cfg: StorageParams) -> str:
-    path = os.environ.get("CVFLOW_STORAGE_PATH") or cfg.path
-    return path if "://" in path else str(Path(path).resolve())
+def storage_for(cfg: StorageParams) -> RayStorage:
+    """Where checkpoints go: ``CVFLOW_STORAGE_PATH`` or ``storage.path``, with the S3 endpoint."""
+    return ray_storage(os.environ.get("CVFLOW_STORAGE_PATH") or cfg.path, cfg.s3_endpoint_url)
+
+
+def data_payload(info: DatasetInfo, storage: RayStorage) -> dict[str, str | None]:
+    """How workers find the dataset: the local folder, and with S3 storage its staged copy."""
+    staged = stage_dataset(info.root, info.name, info.checksum, storage)
+    return {"data_root": str(Path(info.root).resolve()), "data_uri": staged, "s3_endpoint": storage.endpoint_url}
 
 
 @dataclass
@@ -178,7 +185,7 @@ def train(
             outcome = _finish(
                 spec, platform, client, method, task, info, resolved, best_state, history, model_dir, results_dir
             )
-        except Exception as exc:
+        except BaseException as exc:  # also SystemExit from SIGTERM (`ray job stop`, a pod's eviction)
             # The run ends FAILED (start_run's context); say why where the run is looked at.
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             raise
@@ -271,6 +278,7 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     init_ray(platform.ray)
+    storage = storage_for(platform.storage)
     scaling = spec.training.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -279,7 +287,7 @@ def fit(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.to_payload(),
-            "data_root": str(Path(info.root).resolve()),
+            **data_payload(info, storage),
             "mlflow": mlflow_payload,
             "trunk_state": trunk_state,
         },
@@ -291,7 +299,7 @@ def fit(
         ),
         run_config=RunConfig(
             name=ray_name,
-            storage_path=storage_path(platform.storage),
+            **storage.run_config_args(),
             failure_config=FailureConfig(max_failures=spec.training.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.training.checkpoints_to_keep),
         ),

@@ -101,7 +101,7 @@ def _train(payload: dict[str, Any], session: _TrainSession | _TrialSession) -> N
 
     method = spec.create_method()
     task = get_task(method.task)
-    root = Path(payload["data_root"])
+    root = _data_root(payload)
     info = read_info(root)
 
     seed_all(cfg.seed)  # same initial weights on every worker
@@ -270,6 +270,16 @@ def _train(payload: dict[str, Any], session: _TrainSession | _TrialSession) -> N
                 tracker.figure(task, sample, info.classes, f"val_predictions/epoch_{epoch:03d}.png")
         else:
             session.report(metrics)
+
+
+def _data_root(payload: dict[str, Any]) -> Path:
+    """The dataset on this node: with S3 storage the staged copy (downloaded once per node), so
+    workers on machines without the driver's disk read the same data; otherwise the driver's folder."""
+    if payload.get("data_uri"):
+        from components.storage.cluster import local_dataset
+
+        return local_dataset(payload["data_uri"], payload.get("s3_endpoint"))
+    return Path(payload["data_root"])
 
 
 class _RankZeroTracker:
