@@ -1,0 +1,330 @@
+"""Scale-out on a real multi-node Ray cluster on 127.0.0.1 (infra/local/stack.sh): a Ray head
+and two worker nodes with token authentication, an MLflow server with basic auth, artifacts and
+checkpoints in an S3-compatible server. The pipeline is submitted as a Ray job; training survives
+a killed worker process and a lost node; a run that cannot recover ends FAILED; concurrent
+writers lose no metric points; no credential reaches MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, shrink
+from tests.local_stack import kill, local_stack, wait_for
+from tests.test_pipeline import SEARCHES, _copy_project
+
+pytestmark = pytest.mark.slow
+BUCKET = "cvflow"  # stack.sh's default bucket
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with local_stack(tmp_path_factory.mktemp("stack")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def fault_data(tmp_path_factory, tiny_params) -> Path:
+    """Digits with enough crops that an epoch lasts about a second: time to hit one mid-epoch."""
+    from components.config import from_dict
+    from components.data import digits
+
+    cfg = from_dict(digits.DigitsConfig, {**tiny_params["datasets"]["digits"], "max_per_class": 40}, source="test")
+    out = tmp_path_factory.mktemp("fault-data") / "digits"
+    digits.generate(out, cfg)
+    return out
+
+
+def _s3_keys(stack, prefix: str) -> list[str]:
+    from components.storage.s3 import list_objects, s3_client
+
+    with stack.client_env():
+        return [key for key, _ in list_objects(s3_client(), f"s3://{BUCKET}/{prefix}")]
+
+
+def _mlflow(stack):
+    from mlflow import MlflowClient
+
+    return MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+
+
+def _runs(stack, experiment: str, run_name: str) -> list:
+    client = _mlflow(stack)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+
+
+# ----------------------------------------------------------------------------- the pipeline as a Ray job
+
+
+def test_pipeline_as_ray_job_tracks_to_the_server_and_stores_in_s3(stack, tmp_path, params):
+    project = tmp_path / "project"
+    project.mkdir()
+    _copy_project(project)
+    tiny = shrink(params, epochs=2)
+    tiny["runs"] = {"classifier": {**tiny["runs"]["classifier"], "search": SEARCHES["classifier"]}}
+    tiny["pretrain"] = {}
+    tiny["storage"]["dvc_remote"]["url"] = f"s3://{BUCKET}/dvc"
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
+    (project / "pretrained").mkdir()  # a dependency of every stage; no pretrain entry creates it here
+    (project / "pretrained" / ".keep").touch()
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=project, check=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "tiny project"], cwd=project, check=True)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cluster_job", "submit", "--working-dir", str(project)],
+        cwd=ROOT,
+        env=stack.environ(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-6000:]
+    assert "Running stage 'tune@classifier'" in log and "Running stage 'train@classifier'" in log
+
+    with stack.client_env():
+        client = _mlflow(stack)
+        [run] = _runs(stack, "digits/classification", "classifier")
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git_commit"] != "unknown"  # the submitter's commit, though .git stays home
+        assert "test/top1" in run.data.metrics
+        [parent] = _runs(stack, "digits/classification", "tune-classifier")
+        assert run.data.tags["tuned_by"] == parent.info.run_id
+        children = client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        # Artifacts go through the server into S3; the registry holds the model.
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"metrics.json", "config.yaml", "curves.png"} <= names
+        version = client.get_model_version_by_alias("digits-classifier", "champion")
+        assert version.run_id == run.info.run_id
+    mlflow_keys = _s3_keys(stack, "mlflow")
+    assert any(k.endswith("/metrics.json") for k in mlflow_keys)
+    assert any("/MLmodel" in k for k in mlflow_keys)
+    # Checkpoints of Ray Train (the run and each trial) and the staged dataset are in S3 too.
+    ray_keys = _s3_keys(stack, "ray")
+    assert any(k.startswith(f"ray/classifier-{run.info.run_id[:12]}/checkpoint_") for k in ray_keys)
+    assert any(k.startswith(f"ray/tune-classifier-{parent.info.run_id[:12]}-") for k in ray_keys)
+    assert any(k.startswith("ray/datasets/digits-") and k.endswith("/manifest.json") for k in ray_keys)
+    # The job pushed its DVC outputs to the S3 remote.
+    assert len(_s3_keys(stack, "dvc")) > 10
+
+
+def test_no_credential_reaches_mlflow(stack, tmp_path):
+    """Runs started with S3, MLflow and Ray credentials in their environment: none of those values
+    is in any run's params or tags, nor in any artifact file of any run."""
+    from mlflow.artifacts import download_artifacts
+
+    with stack.client_env():
+        client = _mlflow(stack)
+        experiments = client.search_experiments()
+        runs = client.search_runs([e.experiment_id for e in experiments])
+        assert runs, "no runs to check: the job test runs first"
+        values = [v.encode() for v in stack.secrets.values()]
+        for run in runs:
+            text = json.dumps({"params": run.data.params, "tags": run.data.tags})
+            for name, value in stack.secrets.items():
+                assert value not in text, f"{name} in run {run.info.run_id}'s params or tags"
+        # Every artifact of every run, and every registered model (MLflow keeps those apart).
+        sources = [{"run_id": run.info.run_id} for run in runs]
+        for model in client.search_registered_models():
+            for version in client.search_model_versions(f"name = '{model.name}'"):
+                sources.append({"artifact_uri": f"models:/{model.name}/{version.version}"})
+        checked = []
+        for i, source in enumerate(sources):
+            dest = tmp_path / str(i)
+            dest.mkdir()
+            download_artifacts(**source, dst_path=str(dest))
+            for path in (p for p in dest.rglob("*") if p.is_file()):
+                data = path.read_bytes()
+                assert not any(v in data for v in values), f"a credential in {source}: {path.relative_to(dest)}"
+                checked.append(path.name)
+    # configs, search outputs, figures, and the model: pickled, with the project's code beside it
+    assert {"config.yaml", "best.yaml", "curves.png", "MLmodel", "model.pth", "mlflow_run.py"} <= set(checked)
+
+
+# ----------------------------------------------------------------------------- fault tolerance
+
+
+FAULT_EPOCHS = 6
+
+
+def _fault_params(params: dict, name: str, *, max_failures: int, epochs: int = FAULT_EPOCHS) -> dict:
+    tiny = shrink(params, epochs=epochs)
+    run = {**tiny["runs"]["classifier"], "training": {"failure": {"max_failures": max_failures}}}
+    tiny["runs"] = {name: run}
+    tiny["pretrain"] = {}
+    tiny["mlflow"]["register_models"] = False  # the registry is the job test's; here only the run counts
+    tiny["training"].update(batch_size=32, eval_every=1)
+    tiny["training"]["scaling"].update(num_workers=2)
+    return tiny
+
+
+def _start_driver(stack, tmp_path: Path, params: dict, run: str, data: Path) -> subprocess.Popen:
+    """``python -m pipelines.train`` on this machine as the cluster's driver (RAY_ADDRESS)."""
+    path = tmp_path / f"{run}.params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    env = stack.environ(RAY_ADDRESS=f"127.0.0.1:{stack.ray_port}", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pipelines.train", "--run", run, "--params", str(path), "--data", str(data)]
+    log = open(tmp_path / f"{run}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_driver(proc: subprocess.Popen, tmp_path: Path, run: str, timeout: float = 300) -> tuple[int, str]:
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, (tmp_path / f"{run}.log").read_text()
+
+
+def _epochs_logged(stack, run_name: str) -> int:
+    runs = _runs(stack, "digits/classification", run_name)
+    if not runs:
+        return 0
+    return len(_mlflow(stack).get_metric_history(runs[0].info.run_id, "time/epoch_s"))
+
+
+def _train_interrupted(stack, tmp_path, params, data, name, interrupt) -> tuple[int, str]:
+    proc = _start_driver(stack, tmp_path, params, name, data)
+    with stack.client_env():
+        wait_for(lambda: _epochs_logged(stack, name) >= 2 or proc.poll() is not None, 240, f"{name}'s 2nd epoch")
+        assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+        interrupt()
+    return _wait_driver(proc, tmp_path, name)
+
+
+def _assert_one_finished_run(stack, name: str, epochs: int):
+    with stack.client_env():
+        runs = _runs(stack, "digits/classification", name)
+        assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}"
+        run = runs[0]
+        assert run.info.status == "FINISHED"
+        assert "resumed_from_epoch" in run.data.tags  # it did restart from a checkpoint
+        history = _mlflow(stack).get_metric_history(run.info.run_id, "val/top1")
+        assert sorted(m.step for m in history) == list(range(epochs))  # every epoch once, none twice
+        return run
+
+
+@pytest.fixture(scope="module")
+def reference(stack, tmp_path_factory, params, fault_data):
+    """The same run as the fault drills, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = _fault_params(params, "ft_reference", max_failures=1)
+    code, log = _wait_driver(_start_driver(stack, tmp, cfg, "ft_reference", fault_data), tmp, "ft_reference")
+    assert code == 0, log[-3000:]
+    with stack.client_env():
+        [run] = _runs(stack, "digits/classification", "ft_reference")
+    return run.data.metrics
+
+
+def test_killed_worker_process_resumes_from_checkpoint(stack, tmp_path, params, fault_data, reference):
+    cfg = _fault_params(params, "ft_kill_worker", max_failures=1)
+    killed = []
+
+    def kill_a_worker():
+        workers = wait_for(stack.train_workers, 30, "a Ray Train worker process")
+        killed.append(workers[-1].pid)
+        kill(workers[-1])
+
+    code, log = _train_interrupted(stack, tmp_path, cfg, fault_data, "ft_kill_worker", kill_a_worker)
+    assert code == 0, log[-4000:]
+    run = _assert_one_finished_run(stack, "ft_kill_worker", epochs=FAULT_EPOCHS)
+    # Resumed with every worker's RNG state: the result is the uninterrupted run's, within noise.
+    assert abs(run.data.metrics["test/top1"] - reference["test/top1"]) <= 0.05
+    assert abs(run.data.metrics["best/top1"] - reference["best/top1"]) <= 0.05
+
+
+def test_lost_worker_node_resumes_on_a_replacement(stack, tmp_path, params, fault_data, reference):
+    cfg = _fault_params(params, "ft_lose_node", max_failures=1)
+
+    def stop_a_node():
+        workers = wait_for(stack.train_workers, 30, "a Ray Train worker process")
+        raylet = workers[-1].parent()
+        assert raylet.name() == "raylet"
+        kill(raylet)  # the node's raylet: the node and every worker on it are gone
+        stack.add_worker_node(f"replacement-{int(time.time())}")  # as an autoscaler would
+
+    code, log = _train_interrupted(stack, tmp_path, cfg, fault_data, "ft_lose_node", stop_a_node)
+    assert code == 0, log[-4000:]
+    run = _assert_one_finished_run(stack, "ft_lose_node", epochs=FAULT_EPOCHS)
+    assert abs(run.data.metrics["test/top1"] - reference["test/top1"]) <= 0.05
+
+
+def test_unrecoverable_run_ends_failed_with_the_error(stack, tmp_path, params, fault_data):
+    cfg = _fault_params(params, "ft_unrecoverable", max_failures=0)
+
+    def kill_a_worker():
+        kill(wait_for(stack.train_workers, 30, "a Ray Train worker process")[-1])
+
+    code, log = _train_interrupted(stack, tmp_path, cfg, fault_data, "ft_unrecoverable", kill_a_worker)
+    assert code != 0
+    with stack.client_env():
+        [run] = _runs(stack, "digits/classification", "ft_unrecoverable")
+        assert run.info.status == "FAILED"  # never left RUNNING
+        assert "error" in run.data.tags and run.data.tags["error"].strip()
+        assert "Error" in run.data.tags["error"]
+
+
+# ----------------------------------------------------------------------------- concurrent writers
+
+WRITER = """
+import sys, time
+import ray
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+ray.init()
+client = MlflowClient()
+exp = client.create_experiment("concurrency")
+
+@ray.remote(num_cpus=0.5)
+def writer(i, steps):
+    run = client.create_run(exp, run_name=f"writer-{i}").info.run_id
+    for step in range(steps):
+        client.log_metric(run, "loss", 1.0 / (step + 1), step=step)  # one request per point
+        now = int(time.time() * 1000)
+        client.log_batch(run, metrics=[Metric(f"m{k}", float(step * k), now, step) for k in range(5)])
+    client.set_terminated(run)
+    return run
+
+print("RUNS", ray.get([writer.remote(i, int(sys.argv[1])) for i in range(4)]))
+"""
+
+
+def test_concurrent_writers_lose_no_metric_points(stack, tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "writer.py").write_text(WRITER)
+    steps = 20
+    submit = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--working-dir", str(job_dir), "--",
+         "python", "writer.py", str(steps)],
+        env=stack.environ(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+    with stack.client_env():
+        client = _mlflow(stack)
+        exp = client.get_experiment_by_name("concurrency")
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == 4
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(steps))
+            for k in range(5):
+                history = client.get_metric_history(run.info.run_id, f"m{k}")
+                assert sorted((m.step, m.value) for m in history) == [(s, float(s * k)) for s in range(steps)]
