@@ -77,7 +77,7 @@ def submit(args: argparse.Namespace) -> int:
         return 0
     status = client.get_job_status(job_id)
     while str(status.value if hasattr(status, "value") else status) not in TERMINAL:
-        time.sleep(2)
+        time.sleep(0.5)
         status = client.get_job_status(job_id)
     status = str(status.value if hasattr(status, "value") else status)
     print(client.get_job_logs(job_id), end="")

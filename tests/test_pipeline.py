@@ -17,17 +17,6 @@ from components.tasks import get_task
 from tests.conftest import ROOT, shrink
 
 pytestmark = pytest.mark.slow
-SEARCHES = {  # tune@classifier: two trials of one epoch, then train@classifier with the best
-    "classifier": {
-        "algorithm": "tpe_asha",
-        "num_samples": 2,
-        "epochs": 1,
-        "space": {
-            "training.optimizer.lr": {"loguniform": [0.01, 0.3]},
-            "training.augment": {"policy_space": "randaugment", "n": [1, 2]},
-        },
-    }
-}
 
 
 def _copy_project(dst: Path) -> None:
@@ -49,8 +38,6 @@ def test_dvc_repro_end_to_end(tmp_path, params):
     project.mkdir()
     _copy_project(project)
     tiny = shrink(params, epochs=1)
-    for name, search in SEARCHES.items():  # params hold searches as comments; one runs here
-        tiny["runs"][name].setdefault("search", search)
     (project / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -31,12 +31,18 @@ case "${1:-}" in
     ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus=0 --temp-dir="$TEMP_DIR" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
       --ray-client-server-port="$CLIENT_PORT" --disable-usage-stats
-    for i in $(seq 1 "$workers"); do
+    for i in $(seq 1 "$workers"); do  # the worker nodes join at once
       ray start --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus="$cpus" \
         --temp-dir="$TEMP_DIR/worker-$i" --node-name="worker-$i" --dashboard-agent-listen-port=$((AGENT_PORT + i)) \
-        --disable-usage-stats
+        --disable-usage-stats >"$TEMP_DIR/worker-$i.start.log" 2>&1 &
     done
-    ray status --address="127.0.0.1:$PORT"
+    failed=0
+    for job in $(jobs -p); do wait "$job" || failed=1; done
+    if [ "$failed" = 1 ]; then
+      cat "$TEMP_DIR"/worker-*.start.log >&2
+      exit 1
+    fi
+    [ ! -t 1 ] || ray status --address="127.0.0.1:$PORT"
     echo "cluster up: RAY_ADDRESS=127.0.0.1:$PORT  dashboard/jobs: http://127.0.0.1:$DASHBOARD_PORT"
     ;;
   stop)
@@ -45,7 +51,7 @@ case "${1:-}" in
     else  # only this cluster's processes: those naming its folder, and its Ray client server
       mine="$TEMP_DIR/|ray[.]util[.]client[.]server --address=[^ ]*:$PORT "
       pkill -TERM -f -- "$mine" || true
-      for _ in $(seq 1 25); do pgrep -f -- "$mine" >/dev/null || exit 0; sleep 0.2; done
+      for _ in $(seq 1 10); do pgrep -f -- "$mine" >/dev/null || exit 0; sleep 0.2; done
       pkill -KILL -f -- "$mine" || true
     fi
     ;;

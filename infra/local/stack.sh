@@ -49,7 +49,7 @@ stop_bg() {  # NAME: end the process group started by start_bg
   local pid
   pid=$(cat "$pidfile")
   kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  for _ in $(seq 1 15); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
   kill -KILL -- "-$pid" 2>/dev/null || true
   rm -f "$pidfile"
 }
