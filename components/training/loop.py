@@ -282,25 +282,32 @@ def _data_root(payload: dict[str, Any]) -> Path:
     return Path(payload["data_root"])
 
 
+EPOCH_KEY = "time/epoch_s"  # logged every epoch, validated or not
+
+
 class _RankZeroTracker:
     """Logs to the driver's MLflow run from rank 0 only; a no-op elsewhere or without a run."""
 
     def __init__(self, mlflow_cfg: dict[str, str] | None, rank: int) -> None:
         self.run_id = None
+        self.logged: set[int] = set()  # epochs an earlier attempt already logged (see backfill)
         if mlflow_cfg and rank == 0:
             from mlflow import MlflowClient
 
             self.client = MlflowClient(mlflow_cfg["tracking_uri"], mlflow_cfg.get("registry_uri"))
             self.run_id = mlflow_cfg["run_id"]
+            # An attempt after a failure (or a resumed stage) starts after epochs already logged.
+            self.logged = {m.step for m in self.client.get_metric_history(self.run_id, EPOCH_KEY)}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.run_id is None:
+        if self.run_id is None or step in self.logged:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=items)
+        self.logged.add(step)
 
     def figure(self, task, sample, classes: tuple[str, ...], artifact: str) -> None:
         """Draw ``sample`` (a validation batch and its predictions) and log it as ``artifact``."""
@@ -317,13 +324,17 @@ class _RankZeroTracker:
             self.client.set_tag(self.run_id, key, value)
 
     def backfill(self, history: list[dict[str, float]]) -> None:
-        """Log checkpointed epochs that did not reach MLflow before a crash."""
-        if self.run_id is None or not history:
+        """After a restart: log the checkpointed epochs that did not reach MLflow before the crash.
+
+        The other way round, an epoch can be logged but not be the checkpoint restored (a worker
+        lost after rank 0 logged it, before Ray Train took that checkpoint as the latest): the run
+        goes back and trains it again from the previous checkpoint, and ``log`` leaves its second
+        pass out, so every epoch has one point (the replay, from the restored RNG states, gives
+        the same values)."""
+        if self.run_id is None:
             return
-        key = "time/epoch_s"  # logged every epoch, validated or not
-        logged = {m.step for m in self.client.get_metric_history(self.run_id, key)}
         for metrics in history:
-            if int(metrics["epoch"]) not in logged:
+            if int(metrics["epoch"]) not in self.logged:
                 self.log(metrics, step=int(metrics["epoch"]))
 
 

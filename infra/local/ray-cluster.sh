@@ -9,8 +9,8 @@
 # RAY_HEAD_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_CLIENT_PORT (10001), RAY_AGENT_PORT (52365)
 # and RAY_TEMP_DIR (/tmp/ray) change where it listens and keeps its state; `stop` ends only the processes of the cluster in RAY_TEMP_DIR, so
 # another Ray on the machine (one a test or a laptop run started) is left alone. The head has no
-# CPUs of its own, so every training worker lands on a worker node. Each worker node keeps its
-# own folder (RAY_TEMP_DIR/worker-i), as on separate machines: a node cleaning up a job's
+# CPUs of its own (RAY_HEAD_CPUS, default 0), so every training worker lands on a worker node.
+# Each worker node keeps its own folder (RAY_TEMP_DIR/worker-i), as on separate machines: a node cleaning up a job's
 # working directory must not delete the copy the head is running the job in.
 set -euo pipefail
 PORT=${RAY_HEAD_PORT:-6379}
@@ -28,7 +28,7 @@ case "${1:-}" in
     workers=${2:-2}
     cpus=${3:-1}
     [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f ~/.ray/auth_token ] || ray get-auth-token --generate >/dev/null
-    ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus=0 --temp-dir="$TEMP_DIR" \
+    ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --num-cpus="${RAY_HEAD_CPUS:-0}" --temp-dir="$TEMP_DIR" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
       --ray-client-server-port="$CLIENT_PORT" --disable-usage-stats
     for i in $(seq 1 "$workers"); do  # the worker nodes join at once

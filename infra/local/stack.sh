@@ -5,7 +5,7 @@
 #
 #   infra/local/stack.sh up [WORKERS] [CPUS_PER_NODE]    # default 2 worker nodes, 1 CPU each
 #   source .stack/env                                    # addresses and this stack's credentials
-#   ray job submit --working-dir . -- dvc repro          # the pipeline, as a Ray job
+#   python -m pipelines.cluster_job submit               # dvc repro as a Ray job (see that module)
 #   infra/local/stack.sh down
 #
 # The stack is for trying things out and for tests: `down` forgets its runs and objects.
