@@ -24,7 +24,6 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 STACK_SH = ROOT / "infra" / "local" / "stack.sh"
-RAY_CLUSTER_SH = ROOT / "infra" / "local" / "ray-cluster.sh"
 BIN = Path(sys.executable).parent
 # Nodes are declared dead after ~3 s without a heartbeat instead of Ray's default ~30 s.
 FAST_NODE_DEATH = {
@@ -174,33 +173,3 @@ def local_stack(stack_dir: Path, workers: int = 2, cpus: int = 1) -> Iterator[Lo
 def kill(proc, sig: int = signal.SIGKILL) -> None:
     with suppress(ProcessLookupError):
         os.kill(proc.pid, sig)
-
-
-@contextmanager
-def ray_head(cpus: int, env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """A one-node Ray cluster (infra/local/ray-cluster.sh, no worker nodes) started with ``env``;
-    yields what a driver needs to join it (RAY_ADDRESS and the token). Many short drivers (the
-    stages of one ``dvc repro``) then share one Ray instead of each starting its own."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="cvh-", dir="/tmp"))
-    port = free_port()
-    token = secrets.token_hex(32)
-    settings = {
-        "RAY_HEAD_PORT": str(port),
-        "RAY_DASHBOARD_PORT": str(free_port()),
-        "RAY_CLIENT_PORT": str(free_port()),
-        "RAY_AGENT_PORT": str(free_port()),
-        "RAY_TEMP_DIR": str(temp_dir),
-        "RAY_HEAD_CPUS": str(cpus),
-        "RAY_AUTH_TOKEN": token,
-        "RAY_AUTH_MODE": "token",
-    }
-    full = {**{k: v for k, v in env.items() if k not in FOREIGN}, **settings}
-    full["PATH"] = f"{BIN}{os.pathsep}{full.get('PATH', '')}"
-    try:
-        up = subprocess.run(
-            [str(RAY_CLUSTER_SH), "start", "0"], env=full, capture_output=True, text=True, timeout=180, check=False
-        )
-        assert up.returncode == 0, f"ray-cluster.sh start failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
-        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    finally:
-        subprocess.run([str(RAY_CLUSTER_SH), "stop"], env=full, capture_output=True, timeout=120, check=False)
