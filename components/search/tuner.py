@@ -159,7 +159,7 @@ def run_search(
                     "tracking_uri": uri,
                     "experiment_id": experiment.experiment_id,
                     "parent_run_id": parent_id,
-                    "storage": [storage.uri, storage.endpoint_url],
+                    "storage": storage,
                     "name": f"tune-{run}-{parent_id[:12]}",
                     "trunk_state": trunk_state,
                 }
@@ -217,7 +217,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             run_config=RunConfig(
                 # The same name after a restore: Ray Train resumes the trial from its checkpoint.
                 name=f"{ctx['name']}-{trial_id}",
-                **RayStorage(*ctx["storage"]).run_config_args(),
+                **ctx["storage"].run_config_args(),
                 failure_config=FailureConfig(max_failures=spec.training.failure.max_failures),
                 callbacks=[TuneReportCallback()],
             ),
@@ -244,7 +244,7 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if search.algorithm == "pbt":  # members differ by seed (data order, sampled ops) before any exploration
         param_space = {**param_space, SEED_KEY: tune.randint(0, 2**16)}
-    storage = RayStorage(*ctx["storage"])
+    storage: RayStorage = ctx["storage"]
     path, filesystem = storage.ray_path(ctx["name"]), storage.filesystem()
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         tuner = tune.Tuner.restore(

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from components.data.canonical import MANIFEST
 from components.storage.s3 import is_s3_uri, resolve_endpoint_url, split_s3_uri
 
-MANIFEST = "manifest.json"  # the canonical format's manifest (components.data.canonical.MANIFEST)
 DATA_CACHE_ENV = "CVFLOW_DATA_CACHE"  # where nodes keep downloaded datasets; default: <tmp>/cvflow-datasets
 
 
