@@ -60,8 +60,8 @@ class TaskFamily(ABC):
 
     @staticmethod
     def to_device(batch: Any, device: torch.device) -> Any:
-        if isinstance(batch, torch.Tensor):
-            return batch.to(device, non_blocking=True)
+        if isinstance(batch, torch.Tensor):  # asynchronous only towards a GPU: a copy to the CPU
+            return batch.to(device, non_blocking=device.type == "cuda")  # must be complete when read
         if isinstance(batch, (list, tuple)):
             return type(batch)(TaskFamily.to_device(b, device) for b in batch)
         if isinstance(batch, dict):
@@ -91,11 +91,26 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def collective_device(device: torch.device) -> torch.device:
+    """Where a collective on a tensor of ``device`` must run: the device itself when the process
+    group has a backend for its type, else the group's own (with GPUs Ray's group is NCCL alone,
+    and a CPU tensor there fails with "No backend type associated with device type cpu")."""
+    config = torch.distributed.get_backend_config()  # e.g. "cpu:gloo,cuda:nccl" or "cuda:nccl"
+    supported = {part.split(":")[0] for part in config.split(",")}
+    if device.type in supported:
+        return device
+    if "cuda" in supported:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all workers (no-op without a process group)."""
+    """Sum a tensor over all workers (no-op without a process group), on a device the group
+    supports; the result is on the tensor's own device."""
     if _distributed():
-        values = values.clone()
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+        reduced = values.to(collective_device(values.device), copy=True)
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+        return reduced.to(values.device)
     return values
 
 
