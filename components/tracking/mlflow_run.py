@@ -33,6 +33,9 @@ class MlflowParams:
     telemetry: bool = False  # MLflow's usage telemetry; off unless a user opts in
     register_models: bool = True
     champion_alias: str = CHAMPION
+    # MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) of the driver's machine,
+    # sampled every 10 s into each run: off by default, since they add a thread and many points.
+    system_metrics: bool = False
 
 
 def resolve_tracking_uri(cfg: MlflowParams, base_dir: str | Path = ".") -> str:
