@@ -4,7 +4,8 @@ per epoch: a quick way to size a run's budget before putting it in params.yaml.
     python -m bench.single_process_train --method simclr --epochs 10 --batch-size 128 \
         --config '{"temperature": 0.2}' --optimizer '{"name": "adamw", "lr": 2e-3, "weight_decay": 1e-4}'
 
-``--epochs 0`` scores the initial weights (the random-init baseline).
+``--epochs 0`` scores the initial weights (the random-init baseline). It runs the pipeline's own
+trainer with its evaluation and progress hooks, so the numbers are the ones a run would log.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import time
-
-import torch
-from torch.utils.data import DataLoader
 
 from components.config import from_dict
 from components.data.canonical import read_info
 from components.methods import create_method
-from components.tasks import get_task
-from components.training.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
+from components.training.hooks import Evaluation, Hook, Progress
+from components.training.loop import assemble
+from components.training.sessions import LocalSession
+from components.training.spec import TrainingConfig
+from components.training.trainer import Trainer
 
 
 def main() -> None:
@@ -39,52 +39,31 @@ def main() -> None:
     for module in args.imports:  # e.g. a method module not yet in the registry's list
         importlib.import_module(module)
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    info = read_info(args.data)
-    method = create_method(args.method, json.loads(args.config), source="--config", key="config")
-    task = get_task(method.task)
-    model = method.build(info)
-    train_set = task.dataset(info.root, "train", train=True)
-    batch_sampler = task.train_batch_sampler(train_set, args.batch_size, 0, 1, args.seed, method.cfg)
-    if batch_sampler is not None:
-        loader = DataLoader(train_set, batch_sampler=batch_sampler, collate_fn=task.collate())
-    else:
-        loader = DataLoader(
-            train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=task.collate()
-        )
-    val_loader = DataLoader(task.dataset(info.root, "val", train=False), batch_size=256, collate_fn=task.collate())
-    opt_cfg = from_dict(OptimizerConfig, json.loads(args.optimizer), source="--optimizer")
-    optimizer = build_optimizer(model, opt_cfg, method.param_groups(model))
-    scheduler = build_scheduler(optimizer, SchedulerConfig(warmup_epochs=0.5), max(args.epochs, 1), len(loader))
+    training = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "optimizer": json.loads(args.optimizer),
+        "scheduler": {"warmup_epochs": 0.5},
+        "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
+    }
+    cfg = from_dict(TrainingConfig, training, source="--optimizer", key="training")
+    trainer = local_trainer(args.method, json.loads(args.config), cfg, args.data)
+    trainer.train()
 
-    for epoch in range(max(args.epochs, 1)):
-        t0 = time.perf_counter()
-        model.train()
-        total, steps = 0.0, 0
-        if batch_sampler is not None:
-            batch_sampler.set_epoch(epoch)
-        for batch in loader if args.epochs > 0 else ():
-            losses = method.training_step(model, batch)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total, steps = total + loss.item(), steps + 1
-        train_s = time.perf_counter() - t0
-        model.eval()
-        evaluator = task.evaluator(info.num_classes)
-        with torch.no_grad():
-            for batch in val_loader:
-                evaluator.update(method.predict(model, batch), batch)
-        scores = evaluator.compute()
-        shown = " ".join(f"{k}={v:.4f}" for k, v in scores.items())
-        eval_s = time.perf_counter() - t0 - train_s
-        print(
-            f"epoch {epoch} loss={total / max(steps, 1):.4f} train_s={train_s:.1f} eval_s={eval_s:.1f} {shown}",
-            flush=True,
-        )
+
+class _Scores(Hook):
+    """Every validation metric of the epoch, beside the progress line's primary one."""
+
+    def after_epoch(self, t: Trainer) -> None:
+        print("  " + " ".join(f"{k}={v:.4f}" for k, v in t.metrics.items() if k.startswith("val/")), flush=True)
+
+
+def local_trainer(method_name: str, config: dict, cfg: TrainingConfig, data: str) -> Trainer:
+    """The pipeline's trainer in this process: validation every epoch, a progress line each."""
+    method = create_method(method_name, config, source="--config", key="config")
+    hooks = [Evaluation(), Progress(method_name), _Scores()]
+    return assemble(f"bench.{method_name}", method, read_info(data), cfg, LocalSession(), hooks)
 
 
 if __name__ == "__main__":

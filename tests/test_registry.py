@@ -12,6 +12,7 @@ from components.data.canonical import read_info
 from components.methods import Method, RegistryError, available_methods, create_method, get_method_class
 from components.methods.base import register_method, unregister_method
 from components.tasks import get_task
+from components.training.evaluation import evaluate
 
 
 def test_unknown_method_lists_available():
@@ -81,12 +82,7 @@ def test_method_smoke(name, tiny_dataset):
         if p.requires_grad:
             assert p.grad is not None, f"{name}: no gradient reaches {pname}"
             assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient in {pname}"
-    model.eval()
     eval_set = task.dataset(tiny_dataset, "val", train=False)  # one batch: all of the tiny split
-    batch = next(iter(torch.utils.data.DataLoader(eval_set, batch_size=len(eval_set), collate_fn=task.collate())))
-    with torch.no_grad():
-        predictions = method.predict(model, batch)
-    evaluator = task.evaluator(info.num_classes)
-    evaluator.update(predictions, batch)
-    metrics = evaluator.compute()
+    loader = torch.utils.data.DataLoader(eval_set, batch_size=len(eval_set), collate_fn=task.collate())
+    metrics, _ = evaluate(method, task, model, loader, info.num_classes)
     assert task.primary_metric in metrics and math.isfinite(metrics[task.primary_metric])

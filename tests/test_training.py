@@ -74,6 +74,32 @@ def test_tracked_run_registers_champion(ray_session, tiny_dataset, tiny_params, 
     }
     assert (tmp_path / "a" / "model" / "model.pt").is_file()
     assert out.champion and out.model_version == str(version.version)
+    _assert_compute_ledger(run, out, spec, tiny_dataset, tmp_path / "a" / "results")
+    # lineage: each split the run read, with the manifest's checksum as digest
+    inputs = run.inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["digits/crops/test", "digits/crops/train", "digits/crops/val"]
+    assert {i.dataset.digest for i in inputs} == {tags["data_checksum"][:32]}
+
+
+def _assert_compute_ledger(run, out, spec, data, results):
+    """compute/ in MLflow and metrics.json: training FLOPs are one step's forward and backward on
+    every worker times the steps, so 2-4x the forward FLOPs of every image trained on."""
+    import json
+
+    from components.data.canonical import read_info
+
+    m = run.data.metrics
+    assert m["compute/parameters"] > 0 and m["compute/forward_flops_per_image"] > 0
+    world, batch = spec.training.scaling.num_workers, spec.training.batch_size
+    n = read_info(data).views["crops"]["counts"]["train"]["images"]
+    images = (n // world) // (batch // world) * batch * spec.training.epochs  # drop_last on each worker
+    ratio = m["compute/train_flops"] / (m["compute/forward_flops_per_image"] * images)
+    assert 2.0 <= ratio <= 4.0, ratio
+    assert 0 < m["compute/mfu"] <= 1 and m["compute/peak_flops_per_s"] > 0
+    assert m["compute/device_seconds"] == pytest.approx(world * (m["compute/train_wall_s"] + m["compute/eval_wall_s"]))
+    assert {f"compute/peak_memory_mb/rank_{r}" for r in range(world)} <= set(m)
+    assert json.loads((results / "metrics.json").read_text())["compute"]["train_flops"] == m["compute/train_flops"]
+    assert out.compute["mfu"] == pytest.approx(m["compute/mfu"])
 
 
 def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_one_would(

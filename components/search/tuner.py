@@ -38,8 +38,9 @@ from components.search.trial_runs import TrialRunCloser, close_child_runs, open_
 from components.storage.cluster import RayStorage
 from components.tasks import get_task
 from components.tracking import mlflow_run as tracking
-from components.training.driver import PROJECT_ROOT, Platform, data_payload, init_ray, storage_for
-from components.training.loop import STATE_FILE
+from components.training.hooks import STATE_FILE
+from components.training.platform import PROJECT_ROOT, Platform, data_payload, init_ray, storage_for
+from components.training.ray_trainer import torch_trainer
 from components.training.spec import RunSpec, load_run_spec
 
 FINGERPRINT_TAG = "search_fingerprint"
@@ -202,25 +203,12 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     if search.algorithm == "pbt":
         train_loop_in_trial(payload)
     else:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        scaling = spec.training.scaling
-        resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
-        TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=payload,
-            scaling_config=ScalingConfig(
-                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                # The same name after a restore: Ray Train resumes the trial from its checkpoint.
-                name=f"{ctx['name']}-{trial_id}",
-                **ctx["storage"].run_config_args(),
-                failure_config=FailureConfig(max_failures=spec.training.failure.max_failures),
-                callbacks=[TuneReportCallback()],
-            ),
+        # The same name after a restore: Ray Train resumes the trial from its checkpoint.
+        name = f"{ctx['name']}-{trial_id}"
+        torch_trainer(
+            train_loop_per_worker, payload, spec.training, name, ctx["storage"], callbacks=[TuneReportCallback()]
         ).fit()
     client.set_terminated(run_id, "FINISHED")  # PBT's last segment; otherwise TrialRunCloser
 

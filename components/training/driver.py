@@ -1,102 +1,48 @@
-"""The driver side of a training run: Ray Train ``TorchTrainer`` + the MLflow run around it.
+"""The driver side of a training run: the MLflow run around a Ray Train ``TorchTrainer``.
 
-The driver owns the MLflow run: it creates it (or reopens an unfinished one with the same
-fingerprint, whose Ray Train storage then resumes from its last checkpoint), lets rank 0 of the
-workers log per-epoch metrics into it, then scores the best checkpoint on the test split,
-logs and registers the model, and ends the run FINISHED, or FAILED with the error.
+The driver owns the MLflow run. It checks the run against its dataset's manifest and the
+resources at hand before anything starts, creates the run (or reopens an unfinished one with the
+same fingerprint, whose Ray Train storage then resumes from its last checkpoint), lets rank 0 of
+the workers log per-epoch metrics into it, then scores the best checkpoint on the test split,
+logs the compute ledger, logs and registers the model, and ends the run FINISHED, or FAILED
+with the error.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from components.config import from_dict
 from components.data.canonical import MANIFEST, DatasetInfo, read_info
 from components.data.card import CARD
 from components.models.pretrained import PRETRAINED_ROOT, load_trunk
-from components.storage import DvcRemoteParams
-from components.storage.cluster import RayStorage, ray_storage, stage_dataset
 from components.tasks import get_task
-from components.tracking import figures
+from components.tracking import figures, lineage
 from components.tracking import mlflow_run as tracking
-from components.training.loop import BEST_MODEL_FILE, HISTORY_FILE, train_loop_per_worker
+from components.training import ledger, preflight
+from components.training.evaluation import evaluate, split_loader
+from components.training.hooks import BEST_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, progress_line
+from components.training.loop import train_loop_per_worker
+from components.training.platform import (  # noqa: F401  (the platform's names, re-exported)
+    PROJECT_ROOT,
+    Platform,
+    RayParams,
+    StorageParams,
+    data_payload,
+    init_ray,
+    load_platform,
+    ray_address,
+    storage_for,
+)
+from components.training.ray_trainer import torch_trainer
+from components.training.rng import seed_all
 from components.training.spec import RunSpec
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class RayParams:
-    """``ray`` in params.yaml; ``RAY_ADDRESS`` in the environment wins over ``address``."""
-
-    address: str | None = None  # None: start a local Ray on this machine
-    num_cpus: int | None = None  # local Ray only; None: all cores
-    usage_stats: bool = False  # Ray's usage stats collection; off unless a user opts in
-    dashboard: bool = True  # local Ray only, bound to 127.0.0.1; Ray Train's state API needs it
-    train_poll_interval_s: float = 0.25  # local Ray only: how often Ray Train's controller polls workers
-
-
-@dataclass
-class StorageParams:
-    """``storage`` in params.yaml; ``CVFLOW_STORAGE_PATH`` in the environment wins over ``path``."""
-
-    path: str = "ray_results"  # Ray Train checkpoints and results: a folder (or a URI Ray accepts)
-    s3_endpoint_url: str | None = None  # an S3-compatible server; AWS_ENDPOINT_URL(_S3) wins
-    dvc_remote: DvcRemoteParams = field(default_factory=DvcRemoteParams)
-
-
-@dataclass
-class Platform:
-    ray: RayParams = field(default_factory=RayParams)
-    mlflow: tracking.MlflowParams = field(default_factory=tracking.MlflowParams)
-    storage: StorageParams = field(default_factory=StorageParams)
-
-
-def load_platform(params: dict[str, Any], source: str = "params.yaml") -> Platform:
-    picked = {k: params[k] for k in ("ray", "mlflow", "storage") if k in params}
-    return from_dict(Platform, picked, source=source)
-
-
-def init_ray(cfg: RayParams) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray's usage stats stay off unless params opt in; a value the user set is respected.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "1" if cfg.usage_stats else "0")
-    address = os.environ.get("RAY_ADDRESS") or cfg.address
-    # Ray Train's controller polls its workers every 2 s by default: seconds of idle start-up and
-    # shutdown in every short CPU run. Processes of a local Ray inherit this environment.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.train_poll_interval_s))
-    pythonpath = os.environ.get("PYTHONPATH")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(
-        num_cpus=cfg.num_cpus,
-        include_dashboard=cfg.dashboard,
-        dashboard_host="127.0.0.1",
-        # Workers of a local Ray import the project from this checkout.
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), pythonpath]))}},
-    )
-
-
-def storage_for(cfg: StorageParams) -> RayStorage:
-    """Where checkpoints go: ``CVFLOW_STORAGE_PATH`` or ``storage.path``, with the S3 endpoint."""
-    return ray_storage(os.environ.get("CVFLOW_STORAGE_PATH") or cfg.path, cfg.s3_endpoint_url)
-
-
-def data_payload(info: DatasetInfo, storage: RayStorage) -> dict[str, str | None]:
-    """How workers find the dataset: the local folder, and with S3 storage its staged copy."""
-    staged = stage_dataset(info.root, info.name, info.checksum, storage)
-    return {"data_root": str(Path(info.root).resolve()), "data_uri": staged, "s3_endpoint": storage.endpoint_url}
 
 
 @dataclass
@@ -108,6 +54,21 @@ class RunOutcome:
     model_version: str | None
     champion: bool
     history: list[dict[str, float]]
+    compute: dict[str, Any]
+
+
+@dataclass
+class _Run:
+    """What the driver knows of a run once it is checked: passed between its steps."""
+
+    spec: RunSpec
+    platform: Platform
+    info: DatasetInfo
+    method: Any
+    task: Any
+    resolved: dict[str, Any]
+    trunk_state: dict[str, torch.Tensor] | None
+    trunk_checksum: str | None
 
 
 def train(
@@ -127,113 +88,155 @@ def train(
     import mlflow
 
     tracking.apply_privacy_defaults(platform.mlflow.telemetry)
-    info = read_info(data_root)
-    method = spec.create_method()
-    task = get_task(method.task)
-    resolved = spec.resolved()
-    trunk_state, trunk_checksum = None, None
-    backbone = method.pretrained_trunk()
-    if backbone is not None:
-        trunk_state, trunk_checksum = load_trunk(
-            pretrained_root, backbone, source=spec.source, key=f"{spec.key}.config.backbone.pretrained"
-        )
-    fingerprint = spec.fingerprint(info.checksum, trunk_checksum)
-    drill = resolved["training"]["failure"].pop("fail_at_epoch")
-
-    uri = tracking.resolve_tracking_uri(platform.mlflow)
-    mlflow.set_tracking_uri(uri)
-    if platform.mlflow.registry_uri:
-        mlflow.set_registry_uri(platform.mlflow.registry_uri)
-    client = mlflow.MlflowClient()
-    experiment = mlflow.set_experiment(tracking.experiment_name(spec.dataset, method.task))
-    resume_id = tracking.find_resumable_run(client, experiment.experiment_id, fingerprint)
-
-    with mlflow.start_run(run_id=resume_id, experiment_id=experiment.experiment_id, run_name=spec.name) as run:
-        run_id = run.info.run_id
-        mlflow.set_tags(
-            {
-                "method": spec.method,
-                "task": method.task,
-                "dataset": spec.dataset,
-                "run": spec.name,
-                "stage": "pretrain" if spec.section == "pretrain" else "train",
-                "paper": f"arXiv:{method.paper}",
-                "git_commit": tracking.git_commit(PROJECT_ROOT),
-                "data_checksum": info.checksum,
-                "fingerprint": fingerprint,
-                "fault_drill_epoch": str(drill),
-                **({"pretrained_checksum": trunk_checksum} if trunk_checksum else {}),
-                **(tags or {}),
-            }
-        )
-        if resume_id is None:
-            tracking.log_params(client, run_id, resolved)
-        mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
-        for card in (MANIFEST, CARD):  # the dataset card: what the numbers were computed on
-            if (Path(info.root) / card).is_file():
-                mlflow.log_artifact(str(Path(info.root) / card), "dataset")
-
+    run = _prepare(spec, platform, data_root, pretrained_root)
+    fingerprint = spec.fingerprint(run.info.checksum, run.trunk_checksum)
+    client, experiment_id = _tracking(platform, spec, run.method.task)
+    resume_id = tracking.find_resumable_run(client, experiment_id, fingerprint)
+    system_metrics = platform.mlflow.system_metrics
+    with mlflow.start_run(
+        run_id=resume_id, experiment_id=experiment_id, run_name=spec.name, log_system_metrics=system_metrics
+    ) as active:
+        _describe(run, client, active.info.run_id, fingerprint, tags or {}, new=resume_id is None)
         try:
-            mlflow_payload = {"tracking_uri": uri, "registry_uri": platform.mlflow.registry_uri, "run_id": run_id}
-            if spec.training.epochs == 0:  # a baseline of the initial weights: nothing to distribute
-                best_state, history = _score_initial_weights(spec, method, task, info, trunk_state)
-            else:
-                result = fit(spec, platform, info, f"{spec.name}-{run_id[:12]}", mlflow_payload, trunk_state)
-                with result.checkpoint.as_directory() as ckpt_dir:
-                    best_state = torch.load(Path(ckpt_dir) / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
-                    history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
-            outcome = _finish(
-                spec, platform, client, method, task, info, resolved, best_state, history, model_dir, results_dir
-            )
+            outcome = _train_and_finish(run, client, active.info.run_id, Path(model_dir), Path(results_dir))
         except BaseException as exc:  # also SystemExit from SIGTERM (`ray job stop`, a pod's eviction)
             # The run ends FAILED (start_run's context); say why where the run is looked at.
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             raise
-    return RunOutcome(run_id, resume_id is not None, **outcome)
+    return RunOutcome(active.info.run_id, resume_id is not None, **outcome)
 
 
-def _score_initial_weights(spec, method, task, info, trunk_state) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """``epochs: 0``: the weights every worker of the loop would start from, scored on the
-    validation split as the loop's epoch 0 and logged to the active run."""
-    import time
+def _prepare(spec: RunSpec, platform: Platform, data_root, pretrained_root) -> _Run:
+    """Read and check everything a run needs before MLflow or Ray start: a mistake the params
+    and the manifest show is an error naming the key (PreflightError), not a crash in a worker."""
+    info = read_info(data_root)
+    method = spec.create_method()
+    preflight.check_run(spec, info)
+    if spec.training.epochs > 0:
+        _check_resources(spec, platform)
+    trunk_state, trunk_checksum = None, None
+    backbone = method.pretrained_trunk()
+    if backbone is not None:
+        key = f"{spec.key}.config.backbone.pretrained"
+        trunk_state, trunk_checksum = load_trunk(pretrained_root, backbone, source=spec.source, key=key)
+    return _Run(spec, platform, info, method, get_task(method.task), spec.resolved(), trunk_state, trunk_checksum)
 
+
+def _check_resources(spec: RunSpec, platform: Platform) -> None:
+    """Workers against what Ray has: a Ray already started in this process, or this machine for
+    the local Ray a run starts. A cluster (``ray.address``) may autoscale, so it is not judged by
+    what it has now."""
+    import ray
+
+    if ray.is_initialized():
+        preflight.check_resources(spec, ray.cluster_resources(), "the Ray cluster this process is connected to")
+    elif ray_address(platform.ray) is None:
+        preflight.check_resources(spec, preflight.local_resources(platform.ray.num_cpus), "this machine (local Ray)")
+    else:
+        preflight.check_resources(spec, {"CPU": float("inf"), "GPU": float("inf")}, "the Ray cluster")
+
+
+def _tracking(platform: Platform, spec: RunSpec, task: str):
     import mlflow
 
-    from components.training.loop import seed_all
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(platform.mlflow))
+    if platform.mlflow.registry_uri:
+        mlflow.set_registry_uri(platform.mlflow.registry_uri)
+    experiment = mlflow.set_experiment(tracking.experiment_name(spec.dataset, task))
+    return mlflow.MlflowClient(), experiment.experiment_id
+
+
+def _describe(run: _Run, client, run_id: str, fingerprint: str, tags: dict[str, str], new: bool) -> None:
+    """Tags, params, the resolved config, the dataset card and the dataset inputs of the run."""
+    import mlflow
+
+    spec, info = run.spec, run.info
+    drill = run.resolved["training"]["failure"].pop("fail_at_epoch")
+    mlflow.set_tags(
+        {
+            "method": spec.method,
+            "task": run.method.task,
+            "dataset": spec.dataset,
+            "run": spec.name,
+            "stage": "pretrain" if spec.section == "pretrain" else "train",
+            "paper": f"arXiv:{run.method.paper}",
+            "git_commit": tracking.git_commit(PROJECT_ROOT),
+            "data_checksum": info.checksum,
+            "fingerprint": fingerprint,
+            "fault_drill_epoch": str(drill),
+            **({"pretrained_checksum": run.trunk_checksum} if run.trunk_checksum else {}),
+            **tags,
+        }
+    )
+    if new:  # a reopened run already has them
+        tracking.log_params(client, run_id, run.resolved)
+        lineage.log_dataset_inputs(info, run.task.view)
+    mlflow.log_text(yaml.safe_dump(run.resolved, sort_keys=False), "config.yaml")
+    for card in (MANIFEST, CARD):  # the dataset card: what the numbers were computed on
+        if (Path(info.root) / card).is_file():
+            mlflow.log_artifact(str(Path(info.root) / card), "dataset")
+
+
+def _train_and_finish(run: _Run, client, run_id: str, model_dir: Path, results_dir: Path) -> dict[str, Any]:
+    spec = run.spec
+    if spec.training.epochs == 0:  # a baseline of the initial weights: nothing to distribute
+        best_state, history, totals = _score_initial_weights(run)
+    else:
+        payload = {"tracking_uri": tracking.resolve_tracking_uri(run.platform.mlflow), "run_id": run_id}
+        payload["registry_uri"] = run.platform.mlflow.registry_uri
+        result = fit(spec, run.platform, run.info, f"{spec.name}-{run_id[:12]}", payload, run.trunk_state)
+        with result.checkpoint.as_directory() as ckpt_dir:
+            folder = Path(ckpt_dir)
+            best_state = torch.load(folder / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
+            history = json.loads((folder / HISTORY_FILE).read_text())
+            totals = json.loads((folder / LEDGER_FILE).read_text()) if (folder / LEDGER_FILE).is_file() else {}
+    return _finish(run, client, best_state, history, totals, model_dir, results_dir)
+
+
+def _score_initial_weights(run: _Run) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, Any]]:
+    """``epochs: 0``: the weights every worker of the loop would start from, scored on the
+    validation split as the loop's epoch 0 and logged to the active run."""
+    import mlflow
 
     t0 = time.perf_counter()
-    seed_all(spec.training.seed)
-    model = method.build(info)
-    if trunk_state is not None:
-        method.trunk(model).load_state_dict(trunk_state)
-    model.eval()
-    scores, _ = _evaluate(method, task, model, info, "val")
+    model = _initial_model(run)
+    scores, _ = evaluate(run.method, run.task, model, _loader(run, "val"), run.info.num_classes)
+    primary = run.task.primary_metric
     metrics = {f"val/{k}": v for k, v in scores.items()}
-    metrics[f"best/{task.primary_metric}"] = metrics[f"val/{task.primary_metric}"]
-    metrics["time/epoch_s"] = time.perf_counter() - t0
+    metrics[f"best/{primary}"] = metrics[f"val/{primary}"]
+    metrics["time/eval_s"] = metrics["time/epoch_s"] = time.perf_counter() - t0
     mlflow.log_metrics(metrics, step=0)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [{"epoch": 0.0, **metrics}]
+    print(progress_line(run.spec.name, 0, 1, metrics, primary, metrics["time/epoch_s"], 0.0), flush=True)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, [{"epoch": 0.0, **metrics}], {"train_flops": 0.0}
 
 
-def _finish(
-    spec, platform, client, method, task, info, resolved, best_state, history, model_dir, results_dir
-) -> dict[str, Any]:
+def _initial_model(run: _Run) -> torch.nn.Module:
+    seed_all(run.spec.training.seed)
+    model = run.method.build(run.info)
+    if run.trunk_state is not None:
+        run.method.trunk(model).load_state_dict(run.trunk_state)
+    return model.eval()
+
+
+def _loader(run: _Run, split: str):
+    return split_loader(run.task, run.info, split, run.spec.training.eval_batch_size)
+
+
+def _finish(run: _Run, client, best_state, history, totals, model_dir: Path, results_dir: Path) -> dict[str, Any]:
     """Score the best weights on the test split; write, log and register what the run made."""
     import mlflow
 
-    model = method.build(info)
+    spec, task = run.spec, run.task
+    model = run.method.build(run.info)
     model.load_state_dict(best_state)
     model.eval()
-    test_metrics, sample = _evaluate(method, task, model, info, "test")
-    test_metrics = {f"test/{k}": v for k, v in test_metrics.items()}
-    mlflow.log_metrics(test_metrics, step=spec.training.epochs)
+    t0 = time.perf_counter()
+    scores, sample = evaluate(run.method, task, model, _loader(run, "test"), run.info.num_classes)
+    test_metrics = {f"test/{k}": v for k, v in scores.items()}
+    compute = compute_ledger(run, model, history, totals, test_s=time.perf_counter() - t0)
+    mlflow.log_metrics({**test_metrics, **compute.to_metrics()}, step=spec.training.epochs)
     best_val = history[-1][f"best/{task.primary_metric}"]
-
-    model_dir, results_dir = Path(model_dir), Path(results_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(best_state, model_dir / "model.pt")
-    (model_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     summary = {
         "run": spec.name,
         "method": spec.method,
@@ -241,27 +244,57 @@ def _finish(
         f"best_val/{task.primary_metric}": best_val,
         **test_metrics,
         "epochs": len(history),
+        "compute": compute.to_dict(),
     }
-    (results_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_history_csv(history, results_dir / "history.csv")
-    figures.training_curves(history, results_dir / "curves.png")
-    task.sample_figure(sample, info.classes, results_dir / "test_predictions.png")
-    for name in ("metrics.json", "history.csv", "curves.png", "test_predictions.png"):
-        mlflow.log_artifact(str(results_dir / name))
-
+    _write_outputs(run, best_state, summary, history, sample, model_dir, results_dir)
     version, champion = None, False
     # Pretrain entries and untrained baselines (epochs: 0) are compared, not deployed.
-    if platform.mlflow.register_models and spec.section == "runs" and spec.training.epochs > 0:
-        version, champion = _log_and_register(
-            client, method, model, info, spec.dataset, f"val/{task.primary_metric}", best_val, task, platform
-        )
+    if run.platform.mlflow.register_models and spec.section == "runs" and spec.training.epochs > 0:
+        version, champion = _log_and_register(run, client, model, best_val)
     return {
         "test_metrics": test_metrics,
         "best_val": best_val,
         "model_version": version,
         "champion": champion,
         "history": history,
+        "compute": compute.to_dict(),
     }
+
+
+def compute_ledger(run: _Run, model, history: list[dict], totals: dict[str, Any], test_s: float):
+    """What the run cost (:mod:`components.training.ledger`): the workers' totals from the last
+    checkpoint, the epochs' wall times, and the model's forward FLOPs on one input image."""
+    example = run.method.example_input(run.info)
+    with torch.no_grad():
+        forward = ledger.count_flops(lambda: model(example))
+    trained = run.spec.training.epochs > 0
+    scaling = run.spec.training.scaling
+    return ledger.ComputeLedger(
+        parameters=ledger.count_parameters(model),
+        forward_flops_per_image=forward / example.shape[0],
+        train_flops=float(totals.get("train_flops", 0.0)),
+        train_wall_s=sum(h.get("time/train_epoch_s", 0.0) for h in history),
+        eval_wall_s=sum(h.get("time/eval_s", 0.0) for h in history) + test_s,
+        workers=scaling.num_workers if trained else 1,
+        device="cuda" if (trained and scaling.use_gpu) else "cpu",
+        peak_memory_bytes=totals.get("peak_memory_bytes") or [ledger.peak_memory_bytes(torch.device("cpu"))],
+        peak_flops_per_device=float(totals.get("peak_flops_per_s", 0.0)),
+    )
+
+
+def _write_outputs(run: _Run, best_state, summary, history, sample, model_dir: Path, results_dir: Path) -> None:
+    import mlflow
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(best_state, model_dir / "model.pt")
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(run.resolved, sort_keys=False))
+    (results_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_history_csv(history, results_dir / "history.csv")
+    figures.training_curves(history, results_dir / "curves.png")
+    run.task.sample_figure(sample, run.info.classes, results_dir / "test_predictions.png")
+    for name in ("metrics.json", "history.csv", "curves.png", "test_predictions.png"):
+        mlflow.log_artifact(str(results_dir / name))
 
 
 def fit(
@@ -274,65 +307,28 @@ def fit(
 ):
     """Run the generic loop on a Ray Train worker group; rank 0 logs to ``mlflow_payload``'s run;
     ``trunk_state`` initialises the model's trunk on every worker."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     init_ray(platform.ray)
     storage = storage_for(platform.storage)
-    scaling = spec.training.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.to_payload(),
-            **data_payload(info, storage),
-            "mlflow": mlflow_payload,
-            "trunk_state": trunk_state,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker=resources,
-            accelerator_type=scaling.accelerator_type,
-        ),
-        run_config=RunConfig(
-            name=ray_name,
-            **storage.run_config_args(),
-            failure_config=FailureConfig(max_failures=spec.training.failure.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.training.checkpoints_to_keep),
-        ),
-    )
-    return trainer.fit()
+    payload = {
+        "spec": spec.to_payload(),
+        **data_payload(info, storage),
+        "mlflow": mlflow_payload,
+        "trunk_state": trunk_state,
+    }
+    return torch_trainer(train_loop_per_worker, payload, spec.training, ray_name, storage).fit()
 
 
-@torch.no_grad()
-def _evaluate(method, task, model, info: DatasetInfo, split: str) -> tuple[dict[str, float], Any]:
-    loader = torch.utils.data.DataLoader(
-        task.dataset(info.root, split, train=False), batch_size=256, collate_fn=task.collate()
-    )
-    evaluator = task.evaluator(info.num_classes)
-    sample = None
-    for batch in loader:
-        predictions = method.predict(model, batch)
-        evaluator.update(predictions, batch)
-        if sample is None:
-            sample = (batch, predictions)
-    return evaluator.compute(), sample
-
-
-def _log_and_register(client, method, model, info, dataset, metric_key, value, task, platform):
+def _log_and_register(run: _Run, client, model, best_val: float) -> tuple[str, bool]:
     import mlflow
     from mlflow.models import infer_signature
 
-    example = method.example_input(info)
+    example = run.method.example_input(run.info)
     with torch.no_grad():
         output = model(example)
     if isinstance(output, (list, tuple)):  # detectors: one dict of tensors per image
         output = output[0]
     output = {k: v.numpy() for k, v in output.items()} if isinstance(output, dict) else output.numpy()
-    name = tracking.registered_model_name(dataset, method.name)
+    name = tracking.registered_model_name(run.spec.dataset, run.method.name)
     logged = mlflow.pytorch.log_model(
         model,
         name="model",
@@ -342,12 +338,12 @@ def _log_and_register(client, method, model, info, dataset, metric_key, value, t
         # including those torch.export cannot trace.
         serialization_format="pickle",
         code_paths=[str(PROJECT_ROOT / "components")],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        pip_requirements=lineage.model_requirements(type(run.method).__module__, PROJECT_ROOT),
     )
     version = str(logged.registered_model_version)
-    champion = tracking.update_champion(
-        client, name, version, metric_key, value, task.higher_is_better, platform.mlflow.champion_alias
-    )
+    metric_key = f"val/{run.task.primary_metric}"
+    alias = run.platform.mlflow.champion_alias
+    champion = tracking.update_champion(client, name, version, metric_key, best_val, run.task.higher_is_better, alias)
     return version, champion
 
 

@@ -1,0 +1,189 @@
+"""The trainer and its hooks, in this process (no Ray): the order hooks run in, the progress
+line, one evaluation loop, and the one TorchTrainer builder that runs and Tune trials share."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+
+import pytest
+import torch
+
+from components.data.canonical import read_info
+from components.training import hooks as H
+from components.training.hooks import Evaluation, Hook, Progress, default_hooks, progress_line
+from components.training.loop import assemble
+from components.training.sessions import LocalSession
+from components.training.spec import load_run_spec
+
+
+class _Recorder(Hook):
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def before_train(self, t):
+        self.log.append(f"{self.name}.before_train")
+
+    def before_epoch(self, t):
+        self.log.append(f"{self.name}.before_epoch:{t.epoch}")
+
+    @contextlib.contextmanager
+    def _step(self):
+        self.log.append(f"{self.name}.step")
+        yield
+
+    def step_context(self, t):
+        return self._step()
+
+    def after_epoch(self, t):
+        self.log.append(f"{self.name}.after_epoch:{t.epoch}")
+
+    def after_train(self, t):
+        self.log.append(f"{self.name}.after_train")
+
+
+def _trainer(tiny_params, tiny_dataset, hooks, run="classifier", **training):
+    p = copy.deepcopy(tiny_params)
+    p["runs"][run].setdefault("training", {}).update(training)
+    spec = load_run_spec(p, run)
+    return assemble(spec.key, spec.create_method(), read_info(tiny_dataset), spec.training, LocalSession(), hooks)
+
+
+def test_hooks_run_in_list_order_at_every_event(tiny_params, tiny_dataset):
+    log: list[str] = []
+    trainer = _trainer(tiny_params, tiny_dataset, [_Recorder("a", log), _Recorder("b", log)], epochs=2)
+    trainer.train()
+    steps = len(trainer.train_loader)
+    expected = ["a.before_train", "b.before_train"]
+    for epoch in range(2):
+        expected += [f"a.before_epoch:{epoch}", f"b.before_epoch:{epoch}"]
+        expected += ["a.step", "b.step"] * steps
+        expected += [f"a.after_epoch:{epoch}", f"b.after_epoch:{epoch}"]
+    assert log == [*expected, "a.after_train", "b.after_train"]
+
+
+def test_default_hook_order_is_the_documented_one():
+    names = [type(h).__name__ for h in default_hooks("r", None, 0, None, 1)]
+    assert names == [
+        "Resume",
+        "PolicyLineage",
+        "FaultDrill",
+        "Evaluation",
+        "ComputeLedger",
+        "Checkpoint",
+        "MlflowLogger",
+        "Figures",
+        "Progress",
+    ]
+    doc = H.__doc__
+    positions = [doc.index(f":class:`{name}`") for name in names]
+    assert positions == sorted(positions), "the module docstring lists the hooks in another order"
+
+
+def test_epochs_zero_runs_no_step_but_the_hooks_score_the_initial_weights(tiny_params, tiny_dataset):
+    trainer = _trainer(tiny_params, tiny_dataset, [Evaluation()], epochs=0)
+    before = {k: v.clone() for k, v in trainer.core.state_dict().items()}
+    trainer.train()
+    assert trainer.steps == 0 and "val/top1" in trainer.metrics and "train/loss" not in trainer.metrics
+    after = trainer.core.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_progress_prints_one_plain_line_per_epoch(tiny_params, tiny_dataset):
+    out = io.StringIO()
+    trainer = _trainer(tiny_params, tiny_dataset, [Evaluation(), Progress("classifier", out)], epochs=2)
+    trainer.train()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in out.getvalue()
+    assert lines[0].startswith("classifier epoch 1/2 | loss ") and lines[1].startswith("classifier epoch 2/2 | ")
+    assert "| val/top1 " in lines[0] and " s/epoch | ETA " in lines[0]
+    assert lines[1].endswith("ETA 0m00s")
+
+
+def test_progress_line_names_each_loss_term_the_metric_and_the_eta():
+    metrics = {"train/loss": 0.6, "train/loss_cls": 0.4, "train/loss_box": 0.2, "val/mAP": 0.1234}
+    line = progress_line("retinanet", 2, 8, metrics, "mAP", 12.34, 3725)
+    assert line == (
+        "retinanet epoch 3/8 | loss 0.6000 (loss_box 0.2000, loss_cls 0.4000) | val/mAP 0.1234 | 12.3 s/epoch"
+        " | ETA 1h02m05s"
+    )
+    # an epoch that was not validated shows no metric; a single loss term is not repeated
+    assert progress_line("c", 0, 2, {"train/loss": 1.0, "train/ce": 1.0}, "top1", 2.0, 2.0) == (
+        "c epoch 1/2 | loss 1.0000 | 2.0 s/epoch | ETA 0m02s"
+    )
+
+
+def test_evaluation_runs_in_full_precision_even_inside_autocast(tiny_params, tiny_dataset):
+    """Validation picks the best checkpoint: it must not run in bf16 (detectors would decode
+    boxes and run NMS in bf16, and val/mAP would disagree with the fp32 test score)."""
+    from components.training.evaluation import evaluate
+
+    p = copy.deepcopy(tiny_params)
+    spec = load_run_spec(p, "classifier")
+    method = spec.create_method()
+    info = read_info(tiny_dataset)
+    from components.tasks import get_task
+    from components.training.evaluation import split_loader
+
+    task = get_task(method.task)
+    model = method.build(info).eval()
+    seen = []
+    original = method.predict
+
+    def predict(m, batch):
+        out = original(m, batch)
+        seen.append(m(batch[0]).dtype)
+        return out
+
+    method.predict = predict
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        evaluate(method, task, model, split_loader(task, info, "val", 64), info.num_classes)
+    assert seen and all(d == torch.float32 for d in seen)
+
+
+def test_one_torch_trainer_builder_for_runs_and_trials(tiny_params):
+    """Runs and Tune trials get the same ScalingConfig and RunConfig, checkpoint retention and
+    accelerator type included (the trial's copy used to drop both)."""
+    from components.search import tuner
+    from components.storage.cluster import ray_storage
+    from components.training import driver, ray_trainer
+    from components.training.loop import train_loop_per_worker
+
+    assert tuner.torch_trainer is ray_trainer.torch_trainer is driver.torch_trainer
+    p = copy.deepcopy(tiny_params)
+    p["runs"]["classifier"]["training"] = {
+        "checkpoints_to_keep": 3,
+        "scaling": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1.0, "accelerator_type": "H100"},
+        "failure": {"max_failures": 4},
+    }
+    spec = load_run_spec(p, "classifier")
+    trainer = ray_trainer.torch_trainer(train_loop_per_worker, {}, spec.training, "n", ray_storage("/tmp/x", None))
+    scaling, run = trainer.scaling_config, trainer.run_config
+    assert (scaling.num_workers, scaling.use_gpu, scaling.accelerator_type) == (2, True, "H100")
+    assert scaling.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
+    assert run.checkpoint_config.num_to_keep == 3 and run.failure_config.max_failures == 4 and run.name == "n"
+
+
+@pytest.mark.parametrize("saved", ["own device", "every visible device (earlier checkpoints)"])
+def test_rng_state_resumes_on_a_node_with_fewer_gpus(saved, monkeypatch):
+    """A worker restores its own CUDA generator only: a checkpoint from a node with 4 GPUs must
+    resume on a node with 1 (``set_rng_state_all`` with 4 states raises IndexError there)."""
+    from components.training import rng
+
+    restored = []
+
+    def set_all(states):
+        if len(states) > 1:
+            raise IndexError("list index out of range")  # what torch does with more states than devices
+        restored.extend(states)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append(state))
+    own = torch.full((16,), 7, dtype=torch.uint8)
+    state = rng.get_rng(torch.device("cpu"))
+    state["cuda"] = own if saved == "own device" else [own, *[torch.zeros(16, dtype=torch.uint8)] * 3]
+    rng.set_rng(state, torch.device("cuda", 0))
+    assert len(restored) == 1 and torch.equal(restored[0], own)
