@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from components.training import ledger
 from components.training.ledger import (
@@ -77,6 +78,22 @@ def test_step_flops_measures_again_after_a_failed_step():
     with step_flops.measure():
         lin(torch.randn(1, 4))
     assert step_flops.flops == 2 * 4 * 2
+
+
+def test_counts_a_detr_forward_without_gradients(tiny_params, tiny_dataset):
+    """The driver counts the trained model's forward under ``no_grad``; FlopCounterMode's module
+    tracker fails on DETR there ("Expected gradient function to be set"), the totals-only counter
+    gives what the tracker gives with gradients on."""
+    from components.data.canonical import read_info
+    from tests.test_trainer import _trainer
+
+    trainer = _trainer(tiny_params, tiny_dataset, [], run="detr", epochs=1)
+    model = trainer.core.eval()
+    example = trainer.method.example_input(read_info(tiny_dataset))
+    with FlopCounterMode(display=False) as tracked:
+        model(example)
+    with torch.no_grad():
+        assert count_flops(lambda: model(example)) == tracked.get_total_flops() > 0
 
 
 def test_count_parameters():
