@@ -101,6 +101,23 @@ def test_progress_prints_one_plain_line_per_epoch(tiny_params, tiny_dataset):
     assert lines[1].endswith("ETA 0m00s")
 
 
+def test_progress_is_one_line_under_ray_trains_print(tiny_params, tiny_dataset, monkeypatch, capsys, caplog):
+    """Ray Train's workers replace ``print`` with one that logs the message and also prints it
+    when stdout is wrapped: a printed progress line would show twice in the job's log."""
+    import builtins
+    import logging
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    caplog.set_level(logging.INFO)
+    _trainer(tiny_params, tiny_dataset, [Progress("classifier")], epochs=2).train()
+    monkeypatch.undo()
+    lines = [line for line in capsys.readouterr().out.splitlines() if " epoch " in line]
+    assert [line.split(" | ")[0] for line in lines] == ["classifier epoch 1/2", "classifier epoch 2/2"]
+    assert not [r for r in caplog.records if " epoch " in r.getMessage()]
+
+
 def test_progress_line_names_each_loss_term_the_metric_and_the_eta():
     metrics = {"train/loss": 0.6, "train/loss_cls": 0.4, "train/loss_box": 0.2, "val/mAP": 0.1234}
     line = progress_line("retinanet", 2, 8, metrics, "mAP", 12.34, 3725)

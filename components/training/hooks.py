@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -256,7 +257,11 @@ class Progress(Hook):
         line = progress_line(
             self.name, t.epoch, t.total_epochs, t.metrics, t.task.primary_metric, self.durations[-1], remaining
         )
-        print(line, file=self.stream, flush=True)
+        # Written, not printed: Ray Train replaces print in its workers with one that logs the
+        # message and, when stdout is wrapped (it is, in a Ray worker), prints it too: two lines.
+        stream = self.stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
 
 
 def progress_line(
