@@ -118,6 +118,28 @@ def test_matcher_pairs_each_object_with_its_query():
     assert dict(zip(cols.tolist(), rows.tolist(), strict=True)) == {0: 2, 1: 1}
 
 
+def test_matcher_copies_the_batch_to_the_host_once(monkeypatch):
+    """Each device-to-host copy syncs a GPU: the batch's costs go over in one, and each image
+    (an empty one included) still gets its own optimal assignment."""
+    criterion = SetCriterion(3, DETRConfig())
+    g = torch.Generator().manual_seed(0)
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.rand(2, 4, generator=g) * 0.4 + 0.1},
+        {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+        {"labels": torch.tensor([1, 1, 0]), "boxes": torch.rand(3, 4, generator=g) * 0.4 + 0.1},
+    ]
+    logits, boxes = torch.randn(3, 5, 4, generator=g), torch.rand(3, 5, 4, generator=g) * 0.4 + 0.1
+    expected = [criterion.match(logits[i : i + 1], boxes[i : i + 1], [t])[0] for i, t in enumerate(targets)]
+    copies = []
+    original = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or original(self, *a, **k))
+    matched = criterion.match(logits, boxes, targets)
+    assert len(copies) == 1
+    for (rows, cols), (want_rows, want_cols) in zip(matched, expected, strict=True):
+        assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+    assert len(matched[1][0]) == 0
+
+
 def _giou(a, b):
     """GIoU of XYXY box pairs, from the definition (arXiv 1902.09630, Alg. 1)."""
     ix = (torch.min(a[:, 2], b[:, 2]) - torch.max(a[:, 0], b[:, 0])).clamp(min=0)

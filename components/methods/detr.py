@@ -75,7 +75,11 @@ class DETRConfig(DetectorConfig):
 
 def hungarian_match(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (predictions) and columns (targets) of the minimum-cost one-to-one assignment."""
-    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
+    return _assign(cost.detach().float().cpu().numpy())
+
+
+def _assign(cost) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = linear_sum_assignment(cost)
     return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 
 
@@ -93,20 +97,23 @@ class SetCriterion(nn.Module):
     @torch.no_grad()
     def match(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict[str, torch.Tensor]]):
         """Per image, (query indices, target indices) of the optimal assignment."""
-        out = []
+        costs: dict[int, torch.Tensor] = {}
         for i, target in enumerate(targets):
             if len(target["labels"]) == 0:
-                empty = torch.zeros(0, dtype=torch.long)
-                out.append((empty, empty))
                 continue
             prob = logits[i].float().softmax(-1)
-            cost = (
+            costs[i] = (
                 -self.cfg.class_cost * prob[:, target["labels"]]
                 + self.cfg.bbox_cost * torch.cdist(boxes[i].float(), target["boxes"], p=1)
                 - self.cfg.giou_cost * generalized_box_iou(_xyxy(boxes[i].float()), _xyxy(target["boxes"]))
             )
-            out.append(hungarian_match(cost))
-        return out
+        # One device-to-host copy for the whole batch, not one per image: on a GPU each copy syncs.
+        flat = torch.cat([c.reshape(-1) for c in costs.values()]).cpu() if costs else torch.zeros(0)
+        host = dict(zip(costs, flat.split([c.numel() for c in costs.values()]), strict=True))
+        empty = torch.zeros(0, dtype=torch.long)
+        return [
+            _assign(host[i].view(costs[i].shape).numpy()) if i in costs else (empty, empty) for i in range(len(targets))
+        ]
 
     def layer_loss(self, logits, boxes, targets, num_boxes: torch.Tensor, weight_total: torch.Tensor):
         indices = self.match(logits, boxes, targets)
