@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from components.data.canonical import read_info
+from components.tasks import get_task
 from components.training import hooks as H
+from components.training.evaluation import evaluate, split_loader
 from components.training.hooks import Evaluation, Hook, Progress, default_hooks, progress_line
 from components.training.loop import assemble
 from components.training.sessions import LocalSession
@@ -64,7 +68,7 @@ def test_hooks_run_in_list_order_at_every_event(tiny_params, tiny_dataset):
 
 
 def test_default_hook_order_is_the_documented_one():
-    names = [type(h).__name__ for h in default_hooks("r", None, 0, None, 1)]
+    names = [type(h).__name__ for h in default_hooks("r", None, 0, None, 1, score_test=True)]
     assert names == [
         "Resume",
         "PolicyLineage",
@@ -75,6 +79,7 @@ def test_default_hook_order_is_the_documented_one():
         "MlflowLogger",
         "Figures",
         "Progress",
+        "TestScore",
     ]
     doc = H.__doc__
     positions = [doc.index(f":class:`{name}`") for name in names]
@@ -118,6 +123,52 @@ def test_progress_is_one_line_under_ray_trains_print(tiny_params, tiny_dataset, 
     assert not [r for r in caplog.records if " epoch " in r.getMessage()]
 
 
+class _CheckpointKeeper(LocalSession):
+    """Keeps what each report's checkpoint holds (Ray Train would persist it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: list[dict[str, bytes]] = []
+
+    def report(self, metrics, checkpoint=None):
+        super().report(metrics, checkpoint)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                self.files.append({p.name: p.read_bytes() for p in Path(folder).iterdir()})
+
+
+def test_a_run_scores_its_best_weights_on_the_test_split_where_it_trained(tiny_params, tiny_dataset):
+    """TestScore: the best validated weights (not the last), scored on the test split on the
+    workers' device, reported with a last checkpoint that keeps the last epoch's weights."""
+    session = _CheckpointKeeper()
+    p = copy.deepcopy(tiny_params)
+    p["runs"]["classifier"].setdefault("training", {}).update(epochs=3)
+    spec = load_run_spec(p, "classifier")
+    info = read_info(tiny_dataset)
+    hooks = [h for h in default_hooks("classifier", None, 0, None, 0, score_test=True) if not isinstance(h, H.Resume)]
+    trainer = assemble(spec.key, spec.create_method(), info, spec.training, session, hooks)
+    trainer.train()
+    last = {k: v.clone() for k, v in trainer.core.state_dict().items()}
+    assert len(session.files) == 4 and H.TEST_FILE in session.files[-1]  # 3 epochs, then the test
+    reported = json.loads(session.files[-1][H.TEST_FILE])
+    assert session.reports[-1] == {"epoch": 2.0, **{f"test/{k}": v for k, v in reported.items()}}
+    best = torch.load(io.BytesIO(session.files[-1][H.BEST_MODEL_FILE]), weights_only=True)
+    task = get_task(trainer.method.task)
+    model = trainer.method.build(info)
+    model.load_state_dict(best)
+    scores, _ = evaluate(trainer.method, task, model, split_loader(task, info, "test", 64), info.num_classes)
+    assert reported == pytest.approx(scores)
+    assert any(not torch.equal(best[k], last[k]) for k in last)  # the best epoch was not the last
+    state = torch.load(io.BytesIO(session.files[-1][H.STATE_FILE]), weights_only=True)
+    assert all(torch.equal(state["model"][k], last[k]) for k in last)
+    sample = torch.load(io.BytesIO(session.files[-1][H.TEST_SAMPLE_FILE]), weights_only=True)
+    test_images = len(task.dataset(info.root, "test", train=False))
+    assert sample[0][0].shape[0] == min(spec.training.eval_batch_size, test_images)
+    assert "test_eval_s" in json.loads(session.files[-1][H.LEDGER_FILE])
+    # A Tune trial's hooks do not score the test split: its last report would count as an epoch.
+    assert not any(isinstance(h, H.TestScore) for h in default_hooks("c", None, 0, None, 0))
+
+
 def test_progress_line_names_each_loss_term_the_metric_and_the_eta():
     metrics = {"train/loss": 0.6, "train/loss_cls": 0.4, "train/loss_box": 0.2, "val/mAP": 0.1234}
     line = progress_line("retinanet", 2, 8, metrics, "mAP", 12.34, 3725)
@@ -134,15 +185,10 @@ def test_progress_line_names_each_loss_term_the_metric_and_the_eta():
 def test_evaluation_runs_in_full_precision_even_inside_autocast(tiny_params, tiny_dataset):
     """Validation picks the best checkpoint: it must not run in bf16 (detectors would decode
     boxes and run NMS in bf16, and val/mAP would disagree with the fp32 test score)."""
-    from components.training.evaluation import evaluate
-
     p = copy.deepcopy(tiny_params)
     spec = load_run_spec(p, "classifier")
     method = spec.create_method()
     info = read_info(tiny_dataset)
-    from components.tasks import get_task
-    from components.training.evaluation import split_loader
-
     task = get_task(method.task)
     model = method.build(info).eval()
     seen = []

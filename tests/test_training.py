@@ -171,6 +171,9 @@ def test_tracked_detection_run(run, ray_session, tiny_dataset, tiny_params, plat
     assert {"test/mAP", "test/mAP50", "test/mAP75"} <= set(mlrun.data.metrics)
     figures = {a.path for a in client.list_artifacts(out.run_id, "val_predictions")}
     assert figures == {"val_predictions/epoch_000.png", "val_predictions/epoch_001.png"}
+    # The 2 workers scored the test split, each a slice on its own device; the gathered mAP is
+    # that of the whole split scored here in one process.
+    _assert_test_scores_of_the_best_weights(spec, tiny_dataset, tmp_path / run / "model", out.test_metrics)
     version = client.get_model_version_by_alias(f"digits-{run}", "champion")
     assert version.run_id == out.run_id
     mlflow.set_tracking_uri(platform.mlflow.tracking_uri)
@@ -201,6 +204,9 @@ def test_tracked_segmentation_run(run, ray_session, tiny_dataset, tiny_params, p
     assert {f"test/{k}" for k in expected} <= set(mlrun.data.metrics)
     figures = {a.path for a in client.list_artifacts(out.run_id, "val_predictions")}
     assert figures == {"val_predictions/epoch_000.png", "val_predictions/epoch_001.png"}
+    # The 2 workers scored the test split, each a slice on its own device; the gathered mAP is
+    # that of the whole split scored here in one process.
+    _assert_test_scores_of_the_best_weights(spec, tiny_dataset, tmp_path / run / "model", out.test_metrics)
     assert (tmp_path / run / "results" / "test_predictions.png").stat().st_size > 0
     assert client.get_model_version_by_alias(f"digits-{run}", "champion").run_id == out.run_id
     mlflow.set_tracking_uri(platform.mlflow.tracking_uri)
@@ -263,9 +269,25 @@ def test_tracked_embedding_run(run, ray_session, tiny_dataset, tiny_params, plat
     assert {f"test/{k}" for k in expected} <= set(mlrun.data.metrics)
     figures = {a.path for a in client.list_artifacts(out.run_id, "val_predictions")}
     assert figures == {"val_predictions/epoch_000.png", "val_predictions/epoch_001.png"}
+    # The 2 workers scored the test split, each a slice on its own device; the gathered mAP is
+    # that of the whole split scored here in one process.
+    _assert_test_scores_of_the_best_weights(spec, tiny_dataset, tmp_path / run / "model", out.test_metrics)
     assert client.get_model_version_by_alias(f"digits-{spec.method}", "champion").run_id == out.run_id
     mlflow.set_tracking_uri(platform.mlflow.tracking_uri)
     model = mlflow.pytorch.load_model(f"models:/digits-{spec.method}@champion").eval()
     with torch.no_grad():
         embedding = model(torch.rand(4, 3, 16, 16))
     assert embedding.dim() == 2 and embedding.shape[0] == 4
+
+
+def _assert_test_scores_of_the_best_weights(spec, data, model_dir, test_metrics):
+    from components.data.canonical import read_info
+    from components.tasks import get_task
+    from components.training.evaluation import evaluate, split_loader
+
+    method, info = spec.create_method(), read_info(data)
+    task = get_task(method.task)
+    model = method.build(info)
+    model.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
+    scores, _ = evaluate(method, task, model, split_loader(task, info, "test", 16), info.num_classes)
+    assert test_metrics == pytest.approx({f"test/{k}": v for k, v in scores.items()}, abs=1e-6)

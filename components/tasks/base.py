@@ -128,3 +128,12 @@ def all_gather_objects(obj: Any) -> list[Any]:
         torch.distributed.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every worker (``obj`` itself without a process group)."""
+    if _distributed():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

@@ -27,7 +27,14 @@ from components.tracking import figures, lineage
 from components.tracking import mlflow_run as tracking
 from components.training import ledger, preflight
 from components.training.evaluation import evaluate, split_loader
-from components.training.hooks import BEST_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, progress_line
+from components.training.hooks import (
+    BEST_MODEL_FILE,
+    HISTORY_FILE,
+    LEDGER_FILE,
+    TEST_FILE,
+    TEST_SAMPLE_FILE,
+    progress_line,
+)
 from components.training.loop import train_loop_per_worker
 from components.training.platform import (  # noqa: F401  (the platform's names, re-exported)
     PROJECT_ROOT,
@@ -179,18 +186,23 @@ def _describe(run: _Run, client, run_id: str, fingerprint: str, tags: dict[str, 
 
 def _train_and_finish(run: _Run, client, run_id: str, model_dir: Path, results_dir: Path) -> dict[str, Any]:
     spec = run.spec
-    if spec.training.epochs == 0:  # a baseline of the initial weights: nothing to distribute
+    if spec.training.epochs == 0 and not spec.training.scaling.use_gpu:
+        # A CPU baseline of the initial weights: nothing to distribute, scored right here.
         best_state, history, totals = _score_initial_weights(run)
-    else:
-        payload = {"tracking_uri": tracking.resolve_tracking_uri(run.platform.mlflow), "run_id": run_id}
-        payload["registry_uri"] = run.platform.mlflow.registry_uri
-        result = fit(spec, run.platform, run.info, f"{spec.name}-{run_id[:12]}", payload, run.trunk_state)
-        with result.checkpoint.as_directory() as ckpt_dir:
-            folder = Path(ckpt_dir)
-            best_state = torch.load(folder / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
-            history = json.loads((folder / HISTORY_FILE).read_text())
-            totals = json.loads((folder / LEDGER_FILE).read_text()) if (folder / LEDGER_FILE).is_file() else {}
-    return _finish(run, client, best_state, history, totals, model_dir, results_dir)
+        return _finish(run, client, best_state, history, totals, model_dir, results_dir)
+    payload = {"tracking_uri": tracking.resolve_tracking_uri(run.platform.mlflow), "run_id": run_id}
+    payload["registry_uri"] = run.platform.mlflow.registry_uri
+    result = fit(spec, run.platform, run.info, f"{spec.name}-{run_id[:12]}", payload, run.trunk_state, score_test=True)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        folder = Path(ckpt_dir)
+        best_state = torch.load(folder / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
+        history = json.loads((folder / HISTORY_FILE).read_text())
+        totals = json.loads((folder / LEDGER_FILE).read_text()) if (folder / LEDGER_FILE).is_file() else {}
+        scored = None
+        if (folder / TEST_FILE).is_file():  # scored by the workers, on their devices
+            sample = torch.load(folder / TEST_SAMPLE_FILE, map_location="cpu", weights_only=True)
+            scored = (json.loads((folder / TEST_FILE).read_text()), sample)
+    return _finish(run, client, best_state, history, totals, model_dir, results_dir, scored)
 
 
 def _score_initial_weights(run: _Run) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, Any]]:
@@ -223,8 +235,11 @@ def _loader(run: _Run, split: str):
     return split_loader(run.task, run.info, split, run.spec.training.eval_batch_size)
 
 
-def _finish(run: _Run, client, best_state, history, totals, model_dir: Path, results_dir: Path) -> dict[str, Any]:
-    """Score the best weights on the test split; write, log and register what the run made."""
+def _finish(
+    run: _Run, client, best_state, history, totals, model_dir: Path, results_dir: Path, scored=None
+) -> dict[str, Any]:
+    """Score the best weights on the test split (unless the workers did: ``scored``, the scores and
+    a sample batch); write, log and register what the run made."""
     import mlflow
 
     spec, task = run.spec, run.task
@@ -232,9 +247,10 @@ def _finish(run: _Run, client, best_state, history, totals, model_dir: Path, res
     model.load_state_dict(best_state)
     model.eval()
     t0 = time.perf_counter()
-    scores, sample = evaluate(run.method, task, model, _loader(run, "test"), run.info.num_classes)
+    scores, sample = scored or evaluate(run.method, task, model, _loader(run, "test"), run.info.num_classes)
+    test_s = float(totals["test_eval_s"]) if scored else time.perf_counter() - t0
     test_metrics = {f"test/{k}": v for k, v in scores.items()}
-    compute = compute_ledger(run, model, history, totals, test_s=time.perf_counter() - t0)
+    compute = compute_ledger(run, model, history, totals, test_s)
     mlflow.log_metrics({**test_metrics, **compute.to_metrics()}, step=spec.training.epochs)
     best_val = history[-1][f"best/{task.primary_metric}"]
     summary = {
@@ -267,7 +283,7 @@ def compute_ledger(run: _Run, model, history: list[dict], totals: dict[str, Any]
     example = run.method.example_input(run.info)
     with torch.no_grad():
         forward = ledger.count_flops(lambda: model(example))
-    trained = run.spec.training.epochs > 0
+    trained = run.spec.training.epochs > 0 or "peak_flops_per_s" in totals  # or a baseline on GPU workers
     scaling = run.spec.training.scaling
     return ledger.ComputeLedger(
         parameters=ledger.count_parameters(model),
@@ -304,9 +320,11 @@ def fit(
     ray_name: str,
     mlflow_payload: dict | None = None,
     trunk_state: dict[str, torch.Tensor] | None = None,
+    score_test: bool = False,
 ):
     """Run the generic loop on a Ray Train worker group; rank 0 logs to ``mlflow_payload``'s run;
-    ``trunk_state`` initialises the model's trunk on every worker."""
+    ``trunk_state`` initialises the model's trunk on every worker; ``score_test``: the workers
+    also score the best weights on the test split after the last epoch."""
     init_ray(platform.ray)
     storage = storage_for(platform.storage)
     payload = {
@@ -314,6 +332,7 @@ def fit(
         **data_payload(info, storage),
         "mlflow": mlflow_payload,
         "trunk_state": trunk_state,
+        "score_test": score_test,
     }
     return torch_trainer(train_loop_per_worker, payload, spec.training, ray_name, storage).fit()
 

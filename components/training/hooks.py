@@ -21,6 +21,8 @@ A hook overrides any of ``before_train``, ``before_epoch``, ``step_context``, ``
    that dies before its checkpoint counts never leaves a second point for one epoch.
 8. :class:`Figures` logs a PNG of validation predictions every ``figures_every`` epochs.
 9. :class:`Progress` prints one plain line per epoch (losses, the primary metric, s/epoch, ETA).
+10. :class:`TestScore` (runs only, not Tune trials), after the last epoch: the best weights
+    scored on the test split on the workers' devices, reported with a last checkpoint.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from components.config import to_dict
-from components.tasks.base import all_gather_objects, all_reduce_sum
+from components.tasks.base import all_gather_objects, all_reduce_sum, broadcast_object
 from components.training import ledger
-from components.training.evaluation import evaluate
+from components.training.evaluation import eval_loader_for, evaluate
 from components.training.rng import gather_rng, seed_all, set_rng
 
 if TYPE_CHECKING:
@@ -48,6 +50,8 @@ STATE_FILE = "state.pt"
 BEST_MODEL_FILE = "best_model.pt"
 HISTORY_FILE = "history.json"
 LEDGER_FILE = "ledger.json"
+TEST_FILE = "test.json"  # the test scores, in the last checkpoint of a run
+TEST_SAMPLE_FILE = "test_sample.pt"  # a test batch and its predictions, for the figure
 EPOCH_KEY = "time/epoch_s"  # logged every epoch, validated or not
 
 
@@ -167,28 +171,59 @@ class Checkpoint(Hook):
     def after_epoch(self, t: Trainer) -> None:
         t.metrics[EPOCH_KEY] = time.perf_counter() - t.epoch_start
         t.history.append(t.metrics)
-        rng_states = gather_rng(t.device)
-        if t.rank != 0:
-            t.session.report(t.metrics)
-            return
-        import ray.train
+        report(t, t.metrics, gather_rng(t.device))
 
-        with tempfile.TemporaryDirectory() as tmp:
-            state = {
-                "model": t.core.state_dict(),
-                "optimizer": t.optimizer.state_dict(),
-                "scheduler": t.scheduler.state_dict(),
-                "scaler": None,  # bf16 autocast needs no grad scaler
-                "epoch": t.epoch,
-                "best": t.best,
-                "rng": rng_states,
-                "augment_schedule": t.augment_schedule,
-            }
-            torch.save(state, Path(tmp) / STATE_FILE)
-            torch.save(t.best_state, Path(tmp) / BEST_MODEL_FILE)
-            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(t.history))
-            (Path(tmp) / LEDGER_FILE).write_text(json.dumps(t.ledger))
-            t.session.report(t.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+def report(t: Trainer, metrics: dict[str, float], rng_states: list, extra: dict[str, Any] | None = None) -> None:
+    """Every worker reports ``metrics`` to Ray; rank 0 with a checkpoint of the whole state and
+    ``extra`` files (name: JSON-able value, or tensors saved with torch)."""
+    if t.rank != 0:
+        t.session.report(metrics)
+        return
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {
+            "model": t.core.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "scaler": None,  # bf16 autocast needs no grad scaler
+            "epoch": t.epoch,
+            "best": t.best,
+            "rng": rng_states,
+            "augment_schedule": t.augment_schedule,
+        }
+        torch.save(state, Path(tmp) / STATE_FILE)
+        torch.save(t.best_state, Path(tmp) / BEST_MODEL_FILE)
+        (Path(tmp) / HISTORY_FILE).write_text(json.dumps(t.history))
+        (Path(tmp) / LEDGER_FILE).write_text(json.dumps(t.ledger))
+        for name, value in (extra or {}).items():
+            if name.endswith(".json"):
+                (Path(tmp) / name).write_text(json.dumps(value))
+            else:
+                torch.save(value, Path(tmp) / name)
+        t.session.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class TestScore(Hook):
+    """After the last epoch, the best validated weights scored on the test split where training
+    ran: each worker scores a disjoint slice on its own device (the GPUs, not a cluster's head
+    node) and the evaluator sums across workers, as in validation. Rank 0 reports the scores and
+    a sample batch with a last checkpoint, which the driver reads. Runs only (not Tune trials)."""
+
+    def after_train(self, t: Trainer) -> None:
+        best = broadcast_object(t.best_state if t.rank == 0 else None)
+        rng_states = gather_rng(t.device)
+        last = {k: v.detach().cpu().clone() for k, v in t.core.state_dict().items()}
+        t.core.load_state_dict(best)
+        t0 = time.perf_counter()
+        loader = eval_loader_for(t.task, t.info, "test", t.cfg, t.rank, t.world, t.device)
+        scores, sample = evaluate(t.method, t.task, t.core, loader, t.info.num_classes, t.device)
+        t.ledger["test_eval_s"] = time.perf_counter() - t0
+        t.core.load_state_dict(last)  # the checkpoint keeps the last epoch's weights, as before
+        metrics = {"epoch": float(t.epoch), **{f"test/{k}": v for k, v in scores.items()}}
+        cpu_sample = t.task.to_device(sample, torch.device("cpu")) if sample is not None else None
+        report(t, metrics, rng_states, {TEST_FILE: scores, TEST_SAMPLE_FILE: cpu_sample})
 
 
 class MlflowLogger(Hook):
@@ -288,9 +323,14 @@ def _duration(seconds: float) -> str:
 
 
 def default_hooks(
-    name: str, mlflow_cfg: dict[str, str] | None, rank: int, policy_dataset: Any | None, figures_every: int
+    name: str,
+    mlflow_cfg: dict[str, str] | None,
+    rank: int,
+    policy_dataset: Any | None,
+    figures_every: int,
+    score_test: bool = False,
 ):
-    """The hooks of a run, in the order documented above."""
+    """The hooks of a run, in the order documented above (``score_test``: a run, not a trial)."""
     logger = MlflowLogger(mlflow_cfg, rank)
     return [
         Resume(),
@@ -302,4 +342,5 @@ def default_hooks(
         logger,
         Figures(logger, figures_every),
         Progress(name),
+        *([TestScore()] if score_test else []),
     ]

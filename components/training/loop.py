@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from components.augment.policy import PolicyDataset, build_policy
 from components.data.canonical import DatasetInfo, read_info
 from components.methods import Method
 from components.tasks import get_task
 from components.tasks.base import TaskFamily
+from components.training.evaluation import eval_loader_for
 from components.training.hooks import BEST_MODEL_FILE, HISTORY_FILE, LEDGER_FILE, STATE_FILE, default_hooks
 from components.training.optim import build_optimizer, build_scheduler
 from components.training.rng import seed_all
@@ -48,7 +49,8 @@ def build_trainer(payload: dict[str, Any], session: Session) -> Trainer:
     task = get_task(method.task)
     info = read_info(data_root(payload))
     train_set, policy_set = _train_set(task, info, cfg)
-    hooks = default_hooks(spec.name, payload.get("mlflow"), session.rank, policy_set, cfg.figures_every)
+    score_test = bool(payload.get("score_test"))
+    hooks = default_hooks(spec.name, payload.get("mlflow"), session.rank, policy_set, cfg.figures_every, score_test)
     return assemble(spec.key, method, info, cfg, session, hooks, train_set, payload.get("trunk_state"))
 
 
@@ -134,16 +136,8 @@ def train_loader_for(task: TaskFamily, train_set, cfg: TrainingConfig, session: 
 
 
 def val_loader_for(task: TaskFamily, info: DatasetInfo, cfg: TrainingConfig, session: Session) -> DataLoader:
-    """Every worker scores a disjoint slice of the validation set (no padding duplicates); the
-    evaluator sums counts across workers, so the score is exact."""
-    val_set = task.dataset(info.root, "val", train=False)
-    return DataLoader(
-        Subset(val_set, range(session.rank, len(val_set), session.world)),
-        batch_size=cfg.eval_batch_size,
-        num_workers=cfg.loader_workers,
-        collate_fn=task.collate(),
-        pin_memory=session.device.type == "cuda",
-    )
+    """This worker's disjoint slice of the validation set."""
+    return eval_loader_for(task, info, "val", cfg, session.rank, session.world, session.device)
 
 
 def data_root(payload: dict[str, Any]) -> Path:

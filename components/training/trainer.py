@@ -61,6 +61,10 @@ class Trainer:
         return self.session.rank
 
     @property
+    def world(self) -> int:
+        return self.session.world
+
+    @property
     def device(self) -> torch.device:
         return self.session.device
 
