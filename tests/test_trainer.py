@@ -250,3 +250,33 @@ def test_rng_state_resumes_on_a_node_with_fewer_gpus(saved, monkeypatch):
     state["cuda"] = own if saved == "own device" else [own, *[torch.zeros(16, dtype=torch.uint8)] * 3]
     rng.set_rng(state, torch.device("cuda", 0))
     assert len(restored) == 1 and torch.equal(restored[0], own)
+
+
+@pytest.mark.parametrize(
+    ("device", "amp", "native_bf16", "expected"),
+    [
+        ("cuda", True, True, torch.bfloat16),
+        ("cuda", True, False, torch.float16),  # V100, T4: bf16 only emulated
+        ("cuda", False, True, None),
+        ("cpu", True, True, None),
+    ],
+)
+def test_amp_dtype_follows_the_device(tiny_params, tiny_dataset, monkeypatch, device, amp, native_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    trainer = _trainer(tiny_params, tiny_dataset, [], epochs=1, amp=amp)
+    trainer.session.device = torch.device(device)
+    assert trainer.amp_dtype() == expected
+
+
+def test_the_loss_scaler_changes_no_update_and_unscales_before_clipping(tiny_params, tiny_dataset):
+    """fp16's loss scaling must leave the optimiser's steps as they were: gradients unscaled
+    before the norm is clipped (clipping scaled gradients would shrink every step ~1000x)."""
+    plain = _trainer(tiny_params, tiny_dataset, [], epochs=1, grad_clip_norm=0.05)
+    scaled = _trainer(tiny_params, tiny_dataset, [], epochs=1, grad_clip_norm=0.05)
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # a power of two: exact in fp32
+    for trainer in (plain, scaled):
+        torch.manual_seed(0)
+        trainer.train()
+    a, b = plain.core.state_dict(), scaled.core.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-7) for k in a)
+    assert scaled.scaler.get_scale() == 2.0**10  # no overflow at that scale, so none was skipped

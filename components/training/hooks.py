@@ -91,6 +91,8 @@ class Resume(Hook):
         t.scheduler.load_state_dict(state["scheduler"])
         t.start_epoch, t.best, t.resumed_from = state["epoch"] + 1, state["best"], state["epoch"]
         t.augment_schedule = state.get("augment_schedule", [])
+        if t.scaler is not None and state.get("scaler"):
+            t.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         set_rng(rng[t.rank] if t.rank < len(rng) else rng[0], t.device)
 
@@ -147,7 +149,7 @@ class ComputeLedger(Hook):
 
     def before_train(self, t: Trainer) -> None:
         if t.rank == 0:  # once per host and dtype (cached); the other workers wait, so it runs alone
-            dtype = torch.bfloat16 if (t.device.type == "cuda" and t.cfg.amp) else torch.float32
+            dtype = t.amp_dtype() or torch.float32
             t.ledger["peak_flops_per_s"] = ledger.matmul_peak_flops(t.device, dtype, torch.get_num_threads())
         all_reduce_sum(torch.zeros(1, device=t.device))
         t.ledger.setdefault("train_flops", 0.0)
@@ -187,7 +189,7 @@ def report(t: Trainer, metrics: dict[str, float], rng_states: list, extra: dict[
             "model": t.core.state_dict(),
             "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(),
-            "scaler": None,  # bf16 autocast needs no grad scaler
+            "scaler": t.scaler.state_dict() if t.scaler is not None else None,
             "epoch": t.epoch,
             "best": t.best,
             "rng": rng_states,

@@ -58,7 +58,7 @@ class TrainingConfig:
     eval_batch_size: int = 256
     seed: int = 0
     loader_workers: int = 0
-    amp: bool = True  # bf16 autocast, on GPU only
+    amp: bool = True  # autocast on GPU only: bf16, or fp16 with loss scaling where bf16 is not native
     channels_last: bool = True  # on GPU only
     checkpoints_to_keep: int = 2
     grad_clip_norm: float | None = None  # clip the global gradient norm to this (DETR: 0.1)

@@ -55,6 +55,11 @@ class Trainer:
     resumed_from: int | None = None  # the checkpointed epoch this attempt restored
     augment_schedule: list[dict[str, Any]] = field(default_factory=list)
     ledger: dict[str, Any] = field(default_factory=dict)  # the compute ledger's running totals
+    scaler: Any = None  # fp16 autocast's loss scaler (older GPUs); None in bf16 or full precision
+
+    def __post_init__(self) -> None:
+        if self.scaler is None and self.amp_dtype() == torch.float16:
+            self.scaler = torch.amp.GradScaler("cuda")
 
     @property
     def rank(self) -> int:
@@ -111,18 +116,32 @@ class Trainer:
                 losses = self.method.training_step(self.model, batch)
             loss = sum(losses.values())
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is None:
+                loss.backward()
+            else:  # fp16: gradients of a scaled loss, unscaled before clipping; inf/nan steps skipped
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
             if self.cfg.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.grad_clip_norm)
-            self.optimizer.step()
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.scheduler.step()
         return losses
 
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of training steps with ``training.amp`` on GPU: bf16 where the GPU
+        computes it natively (Ampere and later), else fp16 with loss scaling (V100 and T4 only
+        emulate bf16, slowly); None (full precision) on CPU or without ``amp``."""
+        if self.device.type != "cuda" or not self.cfg.amp:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast for training steps on GPU when ``training.amp``; full precision otherwise."""
-        if self.device.type == "cuda" and self.cfg.amp:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        dtype = self.amp_dtype()
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device_type="cuda", dtype=dtype)
 
     def _call(self, event: str) -> None:
         for hook in self.hooks:
