@@ -280,3 +280,18 @@ def test_the_loss_scaler_changes_no_update_and_unscales_before_clipping(tiny_par
     a, b = plain.core.state_dict(), scaled.core.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-7) for k in a)
     assert scaled.scaler.get_scale() == 2.0**10  # no overflow at that scale, so none was skipped
+
+
+def test_the_test_sample_reads_back_with_weights_only():
+    """Detection and segmentation batches hold torchvision's tv_tensors, which
+    ``torch.load(weights_only=True)`` refuses: the sample is saved as plain tensors."""
+    from torchvision import tv_tensors
+
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[1.0, 2.0, 5.0, 6.0]]), format="XYXY", canvas_size=(8, 8))
+    sample = ([tv_tensors.Image(torch.rand(3, 8, 8))], [{"boxes": boxes, "labels": torch.tensor([1]), "id": 3}])
+    buffer = io.BytesIO()
+    torch.save(H._plain(sample), buffer)
+    buffer.seek(0)
+    images, targets = torch.load(buffer, weights_only=True)
+    assert type(images[0]) is torch.Tensor and torch.equal(images[0], sample[0][0])
+    assert torch.equal(targets[0]["boxes"], boxes) and targets[0]["id"] == 3

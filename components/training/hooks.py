@@ -207,6 +207,18 @@ def report(t: Trainer, metrics: dict[str, float], rng_states: list, extra: dict[
         t.session.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` with tensor subclasses (torchvision's ``tv_tensors``) as plain tensors, so the
+    driver can read it back with ``torch.load(weights_only=True)``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.as_subclass(torch.Tensor)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
 class TestScore(Hook):
     """After the last epoch, the best validated weights scored on the test split where training
     ran: each worker scores a disjoint slice on its own device (the GPUs, not a cluster's head
@@ -224,7 +236,7 @@ class TestScore(Hook):
         t.ledger["test_eval_s"] = time.perf_counter() - t0
         t.core.load_state_dict(last)  # the checkpoint keeps the last epoch's weights, as before
         metrics = {"epoch": float(t.epoch), **{f"test/{k}": v for k, v in scores.items()}}
-        cpu_sample = t.task.to_device(sample, torch.device("cpu")) if sample is not None else None
+        cpu_sample = _plain(t.task.to_device(sample, torch.device("cpu"))) if sample is not None else None
         report(t, metrics, rng_states, {TEST_FILE: scores, TEST_SAMPLE_FILE: cpu_sample})
 
 
