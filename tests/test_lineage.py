@@ -42,14 +42,18 @@ def test_dataset_sources():
     assert dataset_source("/data/voc")._get_source_type() == "local"
 
 
-def test_each_split_is_an_input_with_the_manifest_checksum(tiny_dataset, tmp_path):
+def test_each_split_is_an_input_with_the_manifest_checksum(tiny_dataset, tmp_path, monkeypatch):
     import mlflow
+    from mlflow.tracking._tracking_service import utils as mlflow_utils
 
     info = read_info(tiny_dataset)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    # mlflow.set_tracking_uri is process-wide and outranks MLFLOW_TRACKING_URI for later tests;
+    # monkeypatch puts back exactly what was there (usually nothing).
+    monkeypatch.setattr(mlflow_utils, "_tracking_uri", uri)
     with mlflow.start_run() as run:
         log_dataset_inputs(info, "scenes")
-    inputs = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    inputs = mlflow.MlflowClient(uri).get_run(run.info.run_id).inputs.dataset_inputs
     by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i for i in inputs}
     assert set(by_context) == {"training", "validation", "testing"}
     train = by_context["training"]
