@@ -17,11 +17,10 @@ from components.config import ConfigError, load_yaml
 from components.data.canonical import DatasetError
 from components.methods import RegistryError
 from components.models.pretrained import PRETRAINED_ROOT
-from components.search.config import load_search
+from components.search.config import best_file, load_search
 from components.tracking.mlflow_run import exit_on_sigterm
 from components.training.driver import load_platform, train
 from components.training.spec import load_run_spec
-from pipelines.tune import best_file
 
 
 def tuned_overrides(path: Path, run: str) -> dict:

@@ -16,13 +16,7 @@ from pathlib import Path
 import yaml
 
 from components.config import ConfigError, load_yaml
-from components.search.config import load_search
-
-TUNE_ROOT = Path("results/tune")
-
-
-def best_file(run: str) -> Path:
-    return TUNE_ROOT / run / "best.yaml"
+from components.search.config import TUNE_ROOT, load_search
 
 
 def main(argv: list[str] | None = None) -> int:

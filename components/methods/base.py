@@ -12,6 +12,7 @@ interface, so it never imports a specific method::
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -96,15 +97,29 @@ def unregister_method(name: str) -> None:
     _METHODS.pop(name, None)
 
 
+def _import_method_module(name: str) -> None:
+    from components.methods import METHOD_MODULES
+
+    if name in METHOD_MODULES:
+        importlib.import_module(f"components.methods.{METHOD_MODULES[name]}")
+
+
 def get_method_class(name: str) -> type[Method]:
+    """The class registered under ``name``, importing its module on first use."""
+    if name not in _METHODS:
+        _import_method_module(name)
     try:
         return _METHODS[name]
     except KeyError:
-        available = ", ".join(sorted(_METHODS)) or "none"
-        raise RegistryError(f"unknown method {name!r}; available methods: {available}") from None
+        raise RegistryError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}") from None
 
 
 def available_methods() -> list[str]:
+    """Every method: those in ``components.methods.METHOD_MODULES`` and any registered since."""
+    from components.methods import METHOD_MODULES
+
+    for name in METHOD_MODULES:
+        _import_method_module(name)
     return sorted(_METHODS)
 
 

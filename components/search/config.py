@@ -21,9 +21,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from components.config import ConfigError, deep_merge, from_dict
+
+TUNE_ROOT = Path("results/tune")  # tune@<run> writes results/tune/<run>/
+
+
+def best_file(run: str) -> Path:
+    """The overrides tune@<run> found, which train@<run> trains with."""
+    return TUNE_ROOT / run / "best.yaml"
+
 
 ALGORITHMS = ("tpe_asha", "random", "pbt", "faster_autoaugment")
 

@@ -7,6 +7,7 @@ return bare names (``top1``) and the caller adds the split.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -76,14 +77,28 @@ def register_task(task: TaskFamily) -> TaskFamily:
     return task
 
 
+def _import_task_module(name: str) -> None:
+    from components.tasks import TASK_MODULES
+
+    if name in TASK_MODULES:
+        importlib.import_module(f"components.tasks.{TASK_MODULES[name]}")
+
+
 def get_task(name: str) -> TaskFamily:
+    """The family registered under ``name``, importing its module on first use."""
+    if name not in _TASKS:
+        _import_task_module(name)
     try:
         return _TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task family {name!r}; available: {', '.join(sorted(_TASKS)) or 'none'}") from None
+        raise KeyError(f"unknown task family {name!r}; available: {', '.join(available_tasks())}") from None
 
 
 def available_tasks() -> list[str]:
+    from components.tasks import TASK_MODULES
+
+    for name in TASK_MODULES:
+        _import_task_module(name)
     return sorted(_TASKS)
 
 
