@@ -112,7 +112,19 @@ def tiny_dataset(tmp_path_factory, tiny_params) -> Path:
 def ray_session():
     import ray
 
+    from components.training.local_ray import SINGLE_NODE
+
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    # Every server of this Ray on 127.0.0.1 (see components/training/local_ray.py); the setting is
+    # taken back at once so that clusters the tests start later can have several nodes.
+    before = os.environ.get(SINGLE_NODE)
+    os.environ[SINGLE_NODE] = "0"
+    try:
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    finally:
+        if before is None:
+            os.environ.pop(SINGLE_NODE)
+        else:
+            os.environ[SINGLE_NODE] = before
     yield ray
     ray.shutdown()

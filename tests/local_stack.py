@@ -33,7 +33,10 @@ FAST_NODE_DEATH = {
     "RAY_health_check_failure_threshold": "3",
 }
 # Settings of the calling shell that would point drivers elsewhere.
-FOREIGN = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "CVFLOW_STORAGE_PATH", "AWS_ENDPOINT_URL")
+# Settings of other Rays and stores that must not reach the stack; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# (a loopback-only local Ray's) would stop its worker nodes from joining.
+FOREIGN = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "CVFLOW_STORAGE_PATH", "AWS_ENDPOINT_URL",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # fmt: skip
 
 
 def free_port() -> int:

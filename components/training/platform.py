@@ -13,6 +13,7 @@ from components.data.canonical import DatasetInfo
 from components.storage import DvcRemoteParams
 from components.storage.cluster import RayStorage, ray_storage, stage_dataset
 from components.tracking import mlflow_run as tracking
+from components.training.local_ray import start_local_ray
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +56,8 @@ def ray_address(cfg: RayParams) -> str | None:
 
 
 def init_ray(cfg: RayParams) -> None:
+    """Join the cluster (``RAY_ADDRESS`` or ``ray.address``: a cluster, or the one Ray that
+    ``pipelines.repro`` started for every stage), or start a local Ray bound to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
@@ -62,20 +65,11 @@ def init_ray(cfg: RayParams) -> None:
     # Ray's usage stats stay off unless params opt in; a value the user set is respected.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "1" if cfg.usage_stats else "0")
     address = ray_address(cfg)
-    # Ray Train's controller polls its workers every 2 s by default: seconds of idle start-up and
-    # shutdown in every short CPU run. Processes of a local Ray inherit this environment.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.train_poll_interval_s))
-    pythonpath = os.environ.get("PYTHONPATH")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(
-        num_cpus=cfg.num_cpus,
-        include_dashboard=cfg.dashboard,
-        dashboard_host="127.0.0.1",
-        # Workers of a local Ray import the project from this checkout.
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), pythonpath]))}},
-    )
+    start_local_ray(cfg.num_cpus, dashboard=cfg.dashboard, project_root=PROJECT_ROOT,
+                    poll_interval_s=cfg.train_poll_interval_s, usage_stats=cfg.usage_stats)  # fmt: skip
 
 
 def storage_for(cfg: StorageParams) -> RayStorage:

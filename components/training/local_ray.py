@@ -1,0 +1,50 @@
+"""A Ray on this machine only: every server on 127.0.0.1, token authentication, processes that
+end with the process that started it.
+
+On Linux, ``ray.init()`` (and ``ray start --node-ip-address=127.0.0.1``) replaces the loopback by
+the machine's address, and its GCS, raylet and worker servers listen on every interface. With
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray takes this machine for a single-node one, as it does
+on macOS: the node's address is 127.0.0.1 and every server binds to it. Processes started from
+such a Ray, and drivers that join it (the pipeline's stages), need the same setting and token;
+they inherit them from the environment this module sets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import MutableMapping
+from pathlib import Path
+
+SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_ray_environment(environ: MutableMapping[str, str] | None = None, *, poll_interval_s: float = 0.25,
+                          usage_stats: bool = False) -> MutableMapping[str, str]:  # fmt: skip
+    """Set what a loopback-only, token-authenticated local Ray and its drivers need: values the
+    user set are kept; a token is generated unless one is given (``RAY_AUTH_TOKEN``, its path, or
+    Ray's default ``~/.ray/auth_token``)."""
+    environ = os.environ if environ is None else environ
+    environ[SINGLE_NODE] = "0"
+    environ["RAY_AUTH_MODE"] = "token"
+    given = environ.get("RAY_AUTH_TOKEN") or environ.get("RAY_AUTH_TOKEN_PATH")
+    if not given and not (Path.home() / ".ray" / "auth_token").is_file():
+        environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    environ.setdefault("RAY_USAGE_STATS_ENABLED", "1" if usage_stats else "0")
+    # Ray Train's controller polls its workers every 2 s by default: seconds of idle start-up and
+    # shutdown in every short CPU run. The controller runs in this Ray's worker processes.
+    environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(poll_interval_s))
+    return environ
+
+
+def start_local_ray(num_cpus: int | None, *, dashboard: bool, project_root: Path, poll_interval_s: float = 0.25,
+                    usage_stats: bool = False) -> str:  # fmt: skip
+    """Start a local Ray in this process (it ends with this process) and return its GCS address."""
+    local_ray_environment(poll_interval_s=poll_interval_s, usage_stats=usage_stats)
+    # Workers import the project from this checkout; they inherit this environment.
+    pythonpath = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [str(project_root), pythonpath])))
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+    return ray.get_runtime_context().gcs_address
