@@ -1,14 +1,17 @@
 """Run the pipeline on a Ray cluster as a Ray job: this checkout is the job's working directory.
 
-python -m pipelines.cluster_job submit [--address http://127.0.0.1:8265] [--env NAME ...] [-- dvc repro ARGS]
-python -m pipelines.cluster_job run -- dvc repro        # the job's entrypoint, on the cluster
+python -m pipelines.cluster_job submit [--address http://127.0.0.1:8265] [--env NAME ...] [-- COMMAND]
+python -m pipelines.cluster_job run [-- COMMAND]        # the job's entrypoint, on the cluster
+
+COMMAND defaults to ``python -m pipelines.repro``: every stage through DVC, independent ones at
+once, each run's worker group placed on the cluster's nodes (``-- dvc repro`` runs them one by one).
 
 ``submit`` uploads the working tree (git-ignored files left out) through Ray's Jobs API, waits,
 prints the job's log and exits 0 only if the job succeeded. The address comes from ``--address``,
 ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS``; token authentication (``RAY_AUTH_MODE=token``)
 works as for the ``ray`` CLI. The same job without this wrapper:
 
-    ray job submit --working-dir . -- python -m pipelines.cluster_job run -- dvc repro
+    ray job submit --working-dir . -- python -m pipelines.cluster_job run
 
 Where the cluster puts runs and checkpoints is the cluster's environment (``MLFLOW_TRACKING_URI``,
 ``CVFLOW_STORAGE_PATH``...) or params; ``--env NAME`` forwards a variable of this shell, and
@@ -34,7 +37,7 @@ from pathlib import Path
 from components.config import load_yaml
 from components.tracking.mlflow_run import GIT_COMMIT_ENV, git_commit, is_secret_key
 
-DEFAULT_COMMAND = ["dvc", "repro"]
+DEFAULT_COMMAND = ["python", "-m", "pipelines.repro"]  # every stage, many at once, on the cluster
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -86,7 +89,7 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def run(command: list[str], cwd: Path = Path(".")) -> int:
-    """The job's entrypoint: ``command`` (``dvc repro``) in the job's copy of the project."""
+    """The job's entrypoint: ``command`` (the pipeline's runner) in the job's copy of the project."""
     if not (cwd / ".git").exists():  # Ray leaves .git out of the working directory
         subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], cwd=cwd, check=True)
     remote = ((load_yaml(cwd / "params.yaml").get("storage") or {}).get("dvc_remote") or {}).get("url")
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-wait", action="store_true")
     r = sub.add_parser("run", help="the job's entrypoint (runs on the cluster)")
     for p in (s, r):
-        p.add_argument("command", nargs="*", help="default: dvc repro")
+        p.add_argument("command", nargs="*", help="default: python -m pipelines.repro")
     args = parser.parse_args(argv)
     if args.action == "submit":
         return submit(args)

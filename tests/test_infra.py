@@ -393,10 +393,11 @@ def test_kuberay_credentials_come_from_the_secret(spec: dict[str, Any]) -> None:
                 assert var["valueFrom"]["secretKeyRef"]["name"] == "cvflow-credentials", var_name
 
 
-def test_rayjob_runs_dvc_repro_and_cleans_up() -> None:
+def test_rayjob_runs_the_pipeline_runner_and_cleans_up() -> None:
     spec = load_yaml(RAYJOB)["spec"]
     entrypoint = spec["entrypoint"].split()
-    assert entrypoint[0] == "dvc" and entrypoint[-1] == "repro"
+    assert entrypoint[:2] == ["python", "/home/ray/cvflow/pipelines/repro.py"]
+    assert entrypoint[2:] == ["--cd", "/home/ray/cvflow"]
     assert not set("&;|<>`$") & set(spec["entrypoint"]), "one command, no shell syntax"
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
