@@ -79,6 +79,9 @@ class SearchConfig:
     seed: int = 0
     budget_epochs: int | None = None  # stop the whole search once its trials trained this many epochs in all
     trial_training: dict[str, Any] = field(default_factory=dict)  # `training` overrides for trials only
+    # A trial on one worker trains in the trial's own process instead of starting a Ray Train
+    # worker group (seconds per trial); false: every trial starts one, as multi-worker trials do.
+    single_worker_in_trial: bool = True
     space: dict[str, Any] = field(default_factory=dict)  # dotted key -> distribution; empty: the method's default
     asha: AshaParams = field(default_factory=AshaParams)
     pbt: PbtParams = field(default_factory=PbtParams)

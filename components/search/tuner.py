@@ -5,10 +5,11 @@
 - ``pbt``: Population Based Training over a PBA policy space (components.search.pba);
 - ``faster_autoaugment``: the differentiable policy searcher, for classification.
 
-A trial of the first two is a function trainable that runs the method's Ray Train
-``TorchTrainer(...).fit()`` and forwards every epoch's report to Tune (``TuneReportCallback``), so
-ASHA sees validation curves; a PBT trial trains in its own process (Tune hands it another
-trial's checkpoint when it exploits). MLflow gets a parent run per search and a child run per
+A trial on one worker (the default, ``search.trial_training``) trains in the trial's own process
+and reports every epoch to Tune, so ASHA sees validation curves and a stopped trial frees its
+CPU at once; a trial on several workers runs the method's Ray Train ``TorchTrainer(...).fit()``
+and forwards each report (``TuneReportCallback``). A PBT trial always trains in its own process
+(Tune hands it another trial's checkpoint when it exploits). MLflow gets a parent run per search and a child run per
 trial (the trial's params and curves; pruned trials end KILLED with ``tune.pruned``). A killed
 search resumes: its parent run is found by fingerprint, the Tune experiment named after it is
 restored with ``Tuner.restore`` (finished trials are not re-run), a restarted trial reopens its
@@ -180,6 +181,13 @@ def run_search(
     return SearchOutcome(best, summary, parent_id, resume_id is not None, trials)
 
 
+def in_trial_process(search: SearchConfig, scaling) -> bool:
+    """Whether a trial trains in its own process: PBT's always (its scheduler swaps weights
+    between trials), a one-worker trial unless ``single_worker_in_trial`` is off. Other trials
+    start a Ray Train worker group of their own."""
+    return search.algorithm == "pbt" or (search.single_worker_in_trial and scaling.num_workers == 1)
+
+
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One trial, in a Tune trial actor: the run with the sampled point, tracked as a child run."""
     import ray.tune
@@ -200,7 +208,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         "mlflow": {"tracking_uri": ctx["tracking_uri"], "registry_uri": None, "run_id": run_id},
         "trunk_state": ctx["trunk_state"],
     }
-    if search.algorithm == "pbt":
+    if in_trial_process(search, spec.training.scaling):
         train_loop_in_trial(payload)
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -221,9 +229,9 @@ def _tune(ctx, search: SearchConfig, param_space, metric: str, mode: str, platfo
     # after the last save runs again after a restore. Trials take many seconds: save every second.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     trainable = tune.with_parameters(_trial, ctx=ctx)
-    if search.algorithm == "pbt":  # the trial trains in its own process
-        first = load_run_spec(ctx["params"], ctx["run"], ctx["source"], overrides=trial_overrides(search, {}))
-        scaling = first.training.scaling
+    first = load_run_spec(ctx["params"], ctx["run"], ctx["source"], overrides=trial_overrides(search, {}))
+    scaling = first.training.scaling
+    if in_trial_process(search, scaling):  # the trial trains in its own process and holds the CPUs
         trainable = tune.with_resources(
             trainable, {"cpu": scaling.cpus_per_worker, "gpu": scaling.gpus_per_worker if scaling.use_gpu else 0}
         )
