@@ -46,5 +46,18 @@ def start_local_ray(num_cpus: int | None, *, dashboard: bool, project_root: Path
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [str(project_root), pythonpath])))
     import ray
 
+    _reload_auth_settings()
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
     return ray.get_runtime_context().gcs_address
+
+
+def _reload_auth_settings() -> None:
+    """Make an already imported Ray see the settings just put in the environment: the
+    single-node switch is read when Ray is imported, its C++ config and token once per process."""
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
