@@ -219,9 +219,10 @@ class Runner:
     """Starts ready stages, at most ``jobs`` at once; ``start_ray`` (called once, when the first
     stage whose command is a Ray driver is ready) returns the environment such stages get."""
 
-    def __init__(self, plan: Plan, root: Path, jobs: int, keep_going: bool, start_ray):
+    def __init__(self, plan: Plan, root: Path, jobs: int, keep_going: bool, start_ray, ray: str = "auto"):
         self.plan, self.root, self.jobs, self.keep_going = plan, root, jobs, keep_going
         self.start_ray = start_ray
+        self.ray = ray  # "auto": for stages that are Ray drivers; "always": for every stage; "never"
         self.env: dict[str, str] | None = None  # set once the Ray is up
         self.done: dict[str, float] = {}
         self.failed: dict[str, int] = {}
@@ -229,6 +230,11 @@ class Runner:
         self.running: list[Running] = []
         self.lock = threading.Lock()
         self.t0 = time.monotonic()
+
+    def needs_ray(self, name: str) -> bool:
+        if self.ray == "auto":
+            return any(c in self.plan.commands[name] for c in RAY_COMMANDS)
+        return self.ray == "always"
 
     def say(self, text: str) -> None:
         with self.lock:
@@ -278,7 +284,7 @@ class Runner:
         for name in self._ready():
             if len(self.running) >= self.jobs:
                 break
-            if self.env is None and any(c in self.plan.commands[name] for c in RAY_COMMANDS):
+            if self.env is None and self.needs_ray(name):
                 if self.running:  # start what needs no Ray first; Ray starts beside it
                     continue
                 self.env = self.start_ray()
@@ -344,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", "--keep-going", action="store_true", help="after a failure, run what does not need it")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--cd", type=Path, default=None, help="the project's folder (default: here)")
+    parser.add_argument("--ray", choices=("auto", "always", "never"), default="auto",
+                        help="start the stages' Ray: for stages that train or tune (auto), any, or none")  # fmt: skip
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"-j/--jobs: must be at least 1, got {args.jobs}")
@@ -368,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         env, ray_state["local"] = stage_environment(root, args.params)
         return env
 
-    runner = Runner(plan, root, args.jobs, args.keep_going, start_ray)
+    runner = Runner(plan, root, args.jobs, args.keep_going, start_ray, args.ray)
     try:
         code = runner.run()
     except KeyboardInterrupt as stop:

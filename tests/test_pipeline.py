@@ -1,7 +1,8 @@
-"""The whole pipeline: `dvc repro` in a temporary copy of the project with shrunk params."""
+"""The whole pipeline: `make repro`'s runner in a temporary copy of the project with shrunk params."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -38,7 +39,12 @@ def _dvc(cwd: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(dvc), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_dvc_repro_end_to_end(tmp_path, params):
+def _repro(cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipelines.repro", "-j", "3"]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_repro_end_to_end(tmp_path, params):
     project = tmp_path / "project"
     project.mkdir()
     _copy_project(project)
@@ -51,12 +57,14 @@ def test_dvc_repro_end_to_end(tmp_path, params):
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     assert _dvc(project, "init", "-q", env=env).returncode == 0
 
-    first = _dvc(project, "repro", env=env)
+    first = _repro(project, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "one local Ray for every stage" in first.stdout
     runs, pretrain = tiny["runs"], tiny["pretrain"]
-    stages = ["prepare@digits", *(f"pretrain@{name}" for name in pretrain), *(f"train@{name}" for name in runs)]
-    order = [first.stdout.index(f"Running stage '{stage}'") for stage in stages]
-    assert order == sorted(order)  # every pretrained trunk before any run
+    trunks = max(first.stdout.index(f"Running stage 'pretrain@{name}'") for name in pretrain)
+    assert first.stdout.index("Running stage 'prepare@digits'") < trunks
+    for name in runs:  # every pretrained trunk before any run
+        assert first.stdout.index(f"Running stage 'train@{name}'") > trunks
     for name in runs:  # each run's search (or its note that there is none) before the run
         assert first.stdout.index(f"Running stage 'tune@{name}'") < first.stdout.index(f"Running stage 'train@{name}'")
         assert (project / "results" / "tune" / name / "best.yaml").is_file()
@@ -111,8 +119,15 @@ def test_dvc_repro_end_to_end(tmp_path, params):
         assert (project / "pretrained" / name / "model.pt").is_file()
     assert (project / "dvc.lock").is_file()
 
-    second = _dvc(project, "repro", env=env)
+    second = _repro(project, env)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "Running stage" not in second.stdout, second.stdout
+    assert "up to date" in second.stdout and "Running stage" not in second.stdout, second.stdout
     status = _dvc(project, "status", env=env)
     assert "up to date" in status.stdout, status.stdout
+
+    # Editing one method's module leaves every other run up to date.
+    with open(project / "components" / "methods" / "detr.py", "a") as module:
+        module.write("\n# an edit\n")
+    assert _dvc(project, "repro", "code", env=env).returncode == 0
+    changed = json.loads(_dvc(project, "status", "--json", env=env).stdout)
+    assert sorted(changed) == ["train@detr", "tune@detr"], changed
