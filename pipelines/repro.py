@@ -213,6 +213,7 @@ def _fmt(seconds: float) -> str:
 
 
 RAY_COMMANDS = ("pipelines.train", "pipelines.tune")  # stages that are Ray drivers
+TRAIN_COMMAND = "pipelines.train"
 
 
 class Runner:
@@ -241,10 +242,13 @@ class Runner:
             print(f"repro [{_fmt(time.monotonic() - self.t0):>6}] {text}", flush=True)
 
     def _ready(self) -> list[str]:
+        """Stages whose upstream is done: training first (it holds the cluster's CPUs or GPUs and
+        takes longest, so the light stages run beside it), then in dvc.yaml's order."""
         busy = {r.name for r in self.running}
         finished = set(self.done) | set(self.failed) | self.skipped
-        return [s for s in self.plan.order if s not in busy and s not in finished
-                and self.plan.upstream[s] <= set(self.done)]  # fmt: skip
+        ready = [s for s in self.plan.order if s not in busy and s not in finished
+                 and self.plan.upstream[s] <= set(self.done)]  # fmt: skip
+        return sorted(ready, key=lambda s: TRAIN_COMMAND not in self.plan.commands.get(s, ""))
 
     def _blocked(self) -> set[str]:
         """Stages that wait for a failed stage, directly or not."""
@@ -369,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     forget_fingerprint(root)
     print(f"repro: {len(plan.order)} stages to run, {args.jobs} at a time (changed: {', '.join(sorted(plan.changed))})")
+    # Both, explicitly: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     ray_state: dict[str, bool] = {}
 
     def start_ray() -> dict[str, str]:

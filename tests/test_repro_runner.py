@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -147,15 +148,32 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
+def _processes_with_env(text: str) -> list[str]:
+    """Processes whose environment holds ``text`` (Ray's processes rename themselves)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "environ").read_bytes():
+                    found.append(f"{entry.name}: {(entry / 'cmdline').read_bytes()[:120]!r}")
+            except OSError:
+                continue
+    return found
+
+
 @pytest.mark.slow
-def test_stopping_the_runner_leaves_no_stage_or_ray_behind_and_the_next_run_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_runner_leaves_no_stage_or_ray_behind_and_the_next_run_resumes(tmp_path, sig):
     pipeline = {"stages": {
         "long": {"cmd": "python step.py long.txt 120", "deps": ["step.py"], "outs": ["long.txt"]},
         "after": {"cmd": "python step.py after.txt 0 long.txt", "deps": ["step.py", "long.txt"], "outs": ["after.txt"]},
     }}  # fmt: skip
     project = _project(tmp_path / "stop", pipeline)
     (project / "slow").touch()
-    env = {**_env(), "JOIN_RAY": "1"}  # the stage is a driver of the runner's Ray, as training stages are
+    # The stage is a driver of the runner's Ray, as training stages are; the token marks every
+    # process started for this runner (its Ray's included), whatever it calls itself.
+    token = secrets.token_hex(16)
+    env = {**_env(), "JOIN_RAY": "1", "RAY_AUTH_TOKEN": token}
     cmd = [sys.executable, "-m", "pipelines.repro", "--ray", "always"]
     runner = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -163,12 +181,13 @@ def test_stopping_the_runner_leaves_no_stage_or_ray_behind_and_the_next_run_resu
         time.sleep(0.2)
     assert (project / "started").exists(), runner.communicate()[0] if runner.poll() is not None else "no start"
     time.sleep(3)  # the stage has joined the Ray
-    runner.send_signal(signal.SIGINT)
+    runner.send_signal(sig)
     out, _ = runner.communicate(timeout=60)
     assert runner.returncode == 130, out
-    assert "stopping 1 stages" in out and "resumes where it stopped" in out
+    assert f"stopping 1 stages ({sig.name})" in out and "resumes where it stopped" in out
     session = re.search(r"token auth; (\S+)\)", out).group(1)
-    time.sleep(2)
+    time.sleep(3)
+    assert _processes_with_env(token) == []
     assert _processes_naming(str(project / "step.py")) == [] and _processes_naming("step.py long.txt") == []
     assert _processes_naming(session) == [], "a process of the runner's Ray is still there"
     assert not (project / "long.txt").exists()  # nothing left behind as if the stage had finished
@@ -233,5 +252,10 @@ def test_runner_schedules_by_the_graph_and_at_most_jobs_at_once():
             r.code = 0
         runner.step()
         assert started == ["a", "b", "c", "d"]
+        # A training stage goes before lighter ones that became ready with it.
+        plan.order += ["e", "c2"]
+        plan.upstream.update(e=set(), c2=set())
+        plan.commands.update(e="true", c2="python -m pipelines.train --run c2")
+        assert runner._ready()[0] == "c2"
     finally:
         repro.start_stage = real

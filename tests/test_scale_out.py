@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -81,7 +83,14 @@ def test_pipeline_as_ray_job_tracks_to_the_server_and_stores_in_s3(stack, tmp_pa
     project.mkdir()
     _copy_project(project)
     tiny = shrink(params, epochs=2)
-    tiny["runs"] = {"classifier": {**tiny["runs"]["classifier"], "search": SEARCHES["classifier"]}}
+    # Two more runs on one worker each, ready at once: the runner starts both, and Ray places their
+    # worker groups on the two worker nodes side by side.
+    tiny["training"]["scaling"]["num_workers"] = 1
+    tiny["runs"] = {
+        "classifier": {**tiny["runs"]["classifier"], "search": SEARCHES["classifier"]},
+        "classifier_gc": tiny["runs"]["classifier_gc"],
+        "classifier_seed1": {**tiny["runs"]["classifier"], "training": {"seed": 1}},
+    }
     tiny["pretrain"] = {}
     tiny["storage"]["dvc_remote"]["url"] = f"s3://{BUCKET}/dvc"
     (project / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
@@ -93,20 +102,39 @@ def test_pipeline_as_ray_job_tracks_to_the_server_and_stores_in_s3(stack, tmp_pa
     subprocess.run([*git, "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "tiny project"], cwd=project, check=True)
 
-    done = subprocess.run(
+    job = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cluster_job", "submit", "--working-dir", str(project)],
         cwd=ROOT,
         env=stack.environ(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=900,
     )
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-6000:]
+    nodes_training_at_once = 0
+    reader = threading.Thread(target=lambda: setattr(job, "log", job.stdout.read()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 900
+    while job.poll() is None and time.monotonic() < deadline:
+        raylets = set()
+        for worker in stack.train_workers():
+            with suppress(Exception):  # exited meanwhile
+                raylets.add(worker.ppid())
+        nodes_training_at_once = max(nodes_training_at_once, len(raylets))
+        time.sleep(0.3)
+    if job.poll() is None:
+        job.kill()
+    reader.join(timeout=30)
+    log = getattr(job, "log", "")
+    assert job.returncode == 0, log[-6000:]
     assert "Running stage 'tune@classifier'" in log and "Running stage 'train@classifier'" in log
+    # The job ran the pipeline's runner: two runs trained at the same time on different nodes.
+    assert "one local Ray" not in log and "start   train@classifier_seed1" in log
+    assert nodes_training_at_once == 2, "no moment with Ray Train workers on both worker nodes"
 
     with stack.client_env():
         client = _mlflow(stack)
+        for other in ("classifier_gc", "classifier_seed1"):
+            assert [r.info.status for r in _runs(stack, "digits/classification", other)] == ["FINISHED"]
         [run] = _runs(stack, "digits/classification", "classifier")
         assert run.info.status == "FINISHED"
         assert run.data.tags["git_commit"] != "unknown"  # the submitter's commit, though .git stays home
@@ -121,7 +149,9 @@ def test_pipeline_as_ray_job_tracks_to_the_server_and_stores_in_s3(stack, tmp_pa
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"metrics.json", "config.yaml", "curves.png"} <= names
         version = client.get_model_version_by_alias("digits-classifier", "champion")
-        assert version.run_id == run.info.run_id
+        same_method = [r.info.run_id for n in ("classifier", "classifier_gc", "classifier_seed1")
+                       for r in _runs(stack, "digits/classification", n)]  # fmt: skip
+        assert version.run_id in same_method
     mlflow_keys = _s3_keys(stack, "mlflow")
     assert any(k.endswith("/metrics.json") for k in mlflow_keys)
     assert any("/MLmodel" in k for k in mlflow_keys)

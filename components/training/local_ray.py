@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import threading
 from collections.abc import MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -47,8 +50,23 @@ def start_local_ray(num_cpus: int | None, *, dashboard: bool, project_root: Path
     import ray
 
     _reload_auth_settings()
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+    with python_signal_handlers_kept():
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
     return ray.get_runtime_context().gcs_address
+
+
+@contextmanager
+def python_signal_handlers_kept():
+    """``ray.init`` installs a C++ handler for SIGTERM that aborts the process (core dump, no
+    ``finally``, no cleanup): put back the Python handlers that were there before it."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                if callable(handler) or handler in (signal.SIG_IGN, signal.SIG_DFL):
+                    signal.signal(sig, handler)
 
 
 def _reload_auth_settings() -> None:

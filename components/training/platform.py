@@ -13,7 +13,7 @@ from components.data.canonical import DatasetInfo
 from components.storage import DvcRemoteParams
 from components.storage.cluster import RayStorage, ray_storage, stage_dataset
 from components.tracking import mlflow_run as tracking
-from components.training.local_ray import start_local_ray
+from components.training.local_ray import python_signal_handlers_kept, start_local_ray
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,7 +66,8 @@ def init_ray(cfg: RayParams) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "1" if cfg.usage_stats else "0")
     address = ray_address(cfg)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        with python_signal_handlers_kept():  # SIGTERM still ends the MLflow run FAILED
+            ray.init(address=address, log_to_driver=True)
         return
     start_local_ray(cfg.num_cpus, dashboard=cfg.dashboard, project_root=PROJECT_ROOT,
                     poll_interval_s=cfg.train_poll_interval_s, usage_stats=cfg.usage_stats)  # fmt: skip
