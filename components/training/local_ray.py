@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+QUEUED_START_TIMEOUT_S = 900  # how long one start of a run's worker group waits for free resources
 
 
 def local_ray_environment(environ: MutableMapping[str, str] | None = None, *, poll_interval_s: float = 0.25,
@@ -37,6 +38,9 @@ def local_ray_environment(environ: MutableMapping[str, str] | None = None, *, po
     # Ray Train's controller polls its workers every 2 s by default: seconds of idle start-up and
     # shutdown in every short CPU run. The controller runs in this Ray's worker processes.
     environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(poll_interval_s))
+    # Stages share this Ray and a run's worker group queues until the runs before it finish; Ray
+    # Train gives up on a start after 60 s by default and retries, logging a traceback each time.
+    environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(QUEUED_START_TIMEOUT_S))
     return environ
 
 
