@@ -220,8 +220,12 @@ class Runner:
     """Starts ready stages, at most ``jobs`` at once; ``start_ray`` (called once, when the first
     stage whose command is a Ray driver is ready) returns the environment such stages get."""
 
-    def __init__(self, plan: Plan, root: Path, jobs: int, keep_going: bool, start_ray, ray: str = "auto"):
+    def __init__(self, plan: Plan, root: Path, jobs: int, keep_going: bool, start_ray, ray: str = "auto",
+                 train_jobs: int | None = None):  # fmt: skip
         self.plan, self.root, self.jobs, self.keep_going = plan, root, jobs, keep_going
+        # Training stages at once. Ray does not hand freed resources to worker groups in the order
+        # they asked: with several runs waiting, one can wait behind every later one.
+        self.train_jobs = jobs if train_jobs is None else train_jobs
         self.start_ray = start_ray
         self.ray = ray  # "auto": for stages that are Ray drivers; "always": for every stage; "never"
         self.env: dict[str, str] | None = None  # set once the Ray is up
@@ -248,7 +252,10 @@ class Runner:
         finished = set(self.done) | set(self.failed) | self.skipped
         ready = [s for s in self.plan.order if s not in busy and s not in finished
                  and self.plan.upstream[s] <= set(self.done)]  # fmt: skip
-        return sorted(ready, key=lambda s: TRAIN_COMMAND not in self.plan.commands.get(s, ""))
+        return sorted(ready, key=lambda s: not self.is_training(s))
+
+    def is_training(self, name: str) -> bool:
+        return TRAIN_COMMAND in self.plan.commands.get(name, "")
 
     def _blocked(self) -> set[str]:
         """Stages that wait for a failed stage, directly or not."""
@@ -288,6 +295,8 @@ class Runner:
         for name in self._ready():
             if len(self.running) >= self.jobs:
                 break
+            if self.is_training(name) and sum(self.is_training(r.name) for r in self.running) >= self.train_jobs:
+                continue
             if self.env is None and self.needs_ray(name):
                 if self.running:  # start what needs no Ray first; Ray starts beside it
                     continue
@@ -342,6 +351,15 @@ def stage_environment(root: Path, params_file: Path) -> tuple[dict[str, str], bo
     return env, True
 
 
+def _params_address(params_file: Path) -> str | None:
+    import yaml
+
+    try:
+        return ((yaml.safe_load(params_file.read_text()) or {}).get("ray") or {}).get("address")
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 def _on_signal(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -351,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stages", nargs="*", help="stages to reproduce (with what they depend on); default: all")
     parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("CVFLOW_REPRO_JOBS", "3")),
                         help="stages at once (default 3, or CVFLOW_REPRO_JOBS)")  # fmt: skip
+    parser.add_argument("--train-jobs", type=int, default=None,
+                        help="training stages at once (default: 2 on the local Ray, one training and one ready to "
+                        "take its place; -j on a cluster; or CVFLOW_REPRO_TRAIN_JOBS)")  # fmt: skip
     parser.add_argument("-k", "--keep-going", action="store_true", help="after a failure, run what does not need it")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--cd", type=Path, default=None, help="the project's folder (default: here)")
@@ -359,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"-j/--jobs: must be at least 1, got {args.jobs}")
+    if args.train_jobs is None and os.environ.get("CVFLOW_REPRO_TRAIN_JOBS"):
+        args.train_jobs = int(os.environ["CVFLOW_REPRO_TRAIN_JOBS"])
+    if args.train_jobs is not None and args.train_jobs < 1:
+        parser.error(f"--train-jobs: must be at least 1, got {args.train_jobs}")
     if args.cd is not None:
         os.chdir(args.cd)
     root = Path.cwd()
@@ -372,7 +397,6 @@ def main(argv: list[str] | None = None) -> int:
         print("repro: everything is up to date")
         return 0
     forget_fingerprint(root)
-    print(f"repro: {len(plan.order)} stages to run, {args.jobs} at a time (changed: {', '.join(sorted(plan.changed))})")
     # Both, explicitly: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -382,7 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         env, ray_state["local"] = stage_environment(root, args.params)
         return env
 
-    runner = Runner(plan, root, args.jobs, args.keep_going, start_ray, args.ray)
+    train_jobs = args.train_jobs
+    if train_jobs is None:  # a cluster fits several runs at once; the local Ray one (and one waiting)
+        train_jobs = args.jobs if (os.environ.get("RAY_ADDRESS") or _params_address(args.params)) else 2
+    print(f"repro: {len(plan.order)} stages to run, {args.jobs} at a time ({train_jobs} training); "
+          f"changed: {', '.join(sorted(plan.changed))}")  # fmt: skip
+    runner = Runner(plan, root, args.jobs, args.keep_going, start_ray, args.ray, train_jobs)
     try:
         code = runner.run()
     except KeyboardInterrupt as stop:

@@ -257,5 +257,14 @@ def test_runner_schedules_by_the_graph_and_at_most_jobs_at_once():
         plan.upstream.update(e=set(), c2=set())
         plan.commands.update(e="true", c2="python -m pipelines.train --run c2")
         assert runner._ready()[0] == "c2"
+        # At most train_jobs training stages at once: the others wait, lighter ones go on.
+        runner.jobs, runner.train_jobs = 3, 1
+        plan.order += ["c3"]
+        plan.upstream.update(c3=set())
+        plan.commands.update(c3="python -m pipelines.train --run c3")
+        for r in runner.running:
+            r.code = 0
+        runner.step()
+        assert started[-2:] == ["c2", "e"]
     finally:
         repro.start_stage = real
