@@ -43,24 +43,26 @@ STOP_GRACE_S = 20.0
 # --- the fast path: nothing changed since the last check ------------------------------------
 
 
-def _stat_tree(path: Path, out: dict[str, list[int]]) -> None:
+def _stat_tree(root: Path, rel: str, out: dict[str, list[int]]) -> None:
+    path = root / rel
     try:
         st = path.stat()
     except FileNotFoundError:
-        out[str(path)] = []
+        out[rel] = []
         return
     if not path.is_dir():
-        out[str(path)] = [st.st_mtime_ns, st.st_size, st.st_ino]
+        out[rel] = [st.st_mtime_ns, st.st_size, st.st_ino]
         return
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
         if entry.name != "__pycache__":
-            _stat_tree(Path(entry.path), out)
+            _stat_tree(root, f"{rel}/{entry.name}", out)
 
 
-def fingerprint(paths: list[str]) -> dict[str, list[int]]:
+def fingerprint(root: Path, paths: list[str]) -> dict[str, list[int]]:
+    """Size, mtime and inode of every file under ``paths`` (relative to ``root``)."""
     out: dict[str, list[int]] = {}
     for p in paths:
-        _stat_tree(Path(p), out)
+        _stat_tree(root, p, out)
     return out
 
 
@@ -69,25 +71,15 @@ def unchanged_since_last_check(root: Path) -> bool:
         recorded = json.loads((root / FINGERPRINT).read_text())
     except (OSError, ValueError):
         return False
-    here = os.getcwd()
-    try:
-        os.chdir(root)
-        return fingerprint(recorded["paths"]) == recorded["files"]
-    finally:
-        os.chdir(here)
+    return fingerprint(root, recorded["paths"]) == recorded["files"]
 
 
 def record_fingerprint(root: Path, paths: list[str]) -> None:
-    here = os.getcwd()
-    try:
-        os.chdir(root)
-        content = {"paths": sorted(set(paths)), "files": fingerprint(sorted(set(paths)))}
-    finally:
-        os.chdir(here)
+    paths = sorted(set(paths))
     target = root / FINGERPRINT
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content))
+    tmp.write_text(json.dumps({"paths": paths, "files": fingerprint(root, paths)}))
     tmp.replace(target)
 
 
@@ -316,9 +308,7 @@ class Runner:
     def run(self) -> int:
         while self.step():
             time.sleep(0.2)
-        for name in sorted(self._blocked() | (set(self.plan.order) - set(self.done) - set(self.failed))):
-            if name not in self.done:
-                self.skipped.add(name)
+        self.skipped |= set(self.plan.order) - set(self.done) - set(self.failed)
         if self.failed:
             self.say(f"failed: {', '.join(self.failed)}; not run: {', '.join(sorted(self.skipped)) or '-'}")
             return 1

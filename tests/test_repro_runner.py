@@ -135,26 +135,13 @@ def test_contention_for_dvcs_lock_does_not_fail_a_stage(tmp_path):
     assert "up to date" in _status(project)
 
 
-def _processes_naming(text: str) -> list[str]:
+def _processes_holding(text: str, where: str) -> list[str]:
+    """Processes whose ``/proc/<pid>/<where>`` (``cmdline``, ``environ``) holds ``text``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(f"{entry.name}: {cmdline[:200]}")
-    return found
-
-
-def _processes_with_env(text: str) -> list[str]:
-    """Processes whose environment holds ``text`` (Ray's processes rename themselves)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "environ").read_bytes():
+                if text.encode() in (entry / where).read_bytes().replace(b"\0", b" "):
                     found.append(f"{entry.name}: {(entry / 'cmdline').read_bytes()[:120]!r}")
             except OSError:
                 continue
@@ -187,9 +174,10 @@ def test_stopping_the_runner_leaves_no_stage_or_ray_behind_and_the_next_run_resu
     assert f"stopping 1 stages ({sig.name})" in out and "resumes where it stopped" in out
     session = re.search(r"token auth; (\S+)\)", out).group(1)
     time.sleep(3)
-    assert _processes_with_env(token) == []
-    assert _processes_naming(str(project / "step.py")) == [] and _processes_naming("step.py long.txt") == []
-    assert _processes_naming(session) == [], "a process of the runner's Ray is still there"
+    assert _processes_holding(token, "environ") == []
+    assert _processes_holding(str(project / "step.py"), "cmdline") == []
+    assert _processes_holding("step.py long.txt", "cmdline") == []
+    assert _processes_holding(session, "cmdline") == [], "a process of the runner's Ray is still there"
     assert not (project / "long.txt").exists()  # nothing left behind as if the stage had finished
 
     (project / "slow").unlink()
@@ -213,7 +201,7 @@ def test_a_failed_stage_stops_what_needs_it_and_keep_going_runs_the_rest(tmp_pat
     assert "not run: needs_bad" in ran.stdout
 
 
-def test_runner_schedules_by_the_graph_and_at_most_jobs_at_once():
+def test_runner_schedules_by_the_graph_and_at_most_jobs_at_once(monkeypatch):
     order = ["a", "b", "c", "d"]
     plan = Plan(order, {"a": set(), "b": {"a"}, "c": {"a"}, "d": {"b", "c"}}, [], set(),
                 {s: "true" for s in order})  # fmt: skip
@@ -229,42 +217,36 @@ def test_runner_schedules_by_the_graph_and_at_most_jobs_at_once():
         def poll(self):
             return self.code
 
-    import pipelines.repro as repro
-
     def start(name, root, env, lock):
         started.append(name)
         return Fake(name)
 
-    real = repro.start_stage
-    repro.start_stage = start
-    try:
-        runner = Runner(plan, Path("."), 1, False, start_ray=lambda: {}, ray="never")
-        runner.step()
-        assert started == ["a"]
-        runner.running[0].code = 0
-        runner.step()
-        assert started == ["a", "b"]  # one at a time (-j 1), in dvc.yaml's order
-        runner.jobs = 2
-        runner.step()
-        assert started == ["a", "b", "c"]
-        assert not any(s == "d" for s in started)  # d waits for both b and c
-        for r in runner.running:
-            r.code = 0
-        runner.step()
-        assert started == ["a", "b", "c", "d"]
-        # A training stage goes before lighter ones that became ready with it.
-        plan.order += ["e", "c2"]
-        plan.upstream.update(e=set(), c2=set())
-        plan.commands.update(e="true", c2="python -m pipelines.train --run c2")
-        assert runner._ready()[0] == "c2"
-        # At most train_jobs training stages at once: the others wait, lighter ones go on.
-        runner.jobs, runner.train_jobs = 3, 1
-        plan.order += ["c3"]
-        plan.upstream.update(c3=set())
-        plan.commands.update(c3="python -m pipelines.train --run c3")
-        for r in runner.running:
-            r.code = 0
-        runner.step()
-        assert started[-2:] == ["c2", "e"]
-    finally:
-        repro.start_stage = real
+    monkeypatch.setattr("pipelines.repro.start_stage", start)
+    runner = Runner(plan, Path("."), 1, False, start_ray=lambda: {}, ray="never")
+    runner.step()
+    assert started == ["a"]
+    runner.running[0].code = 0
+    runner.step()
+    assert started == ["a", "b"]  # one at a time (-j 1), in dvc.yaml's order
+    runner.jobs = 2
+    runner.step()
+    assert started == ["a", "b", "c"]
+    assert not any(s == "d" for s in started)  # d waits for both b and c
+    for r in runner.running:
+        r.code = 0
+    runner.step()
+    assert started == ["a", "b", "c", "d"]
+    # A training stage goes before lighter ones that became ready with it.
+    plan.order += ["e", "c2"]
+    plan.upstream.update(e=set(), c2=set())
+    plan.commands.update(e="true", c2="python -m pipelines.train --run c2")
+    assert runner._ready()[0] == "c2"
+    # At most train_jobs training stages at once: the others wait, lighter ones go on.
+    runner.jobs, runner.train_jobs = 3, 1
+    plan.order += ["c3"]
+    plan.upstream.update(c3=set())
+    plan.commands.update(c3="python -m pipelines.train --run c3")
+    for r in runner.running:
+        r.code = 0
+    runner.step()
+    assert started[-2:] == ["c2", "e"]
