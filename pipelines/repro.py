@@ -319,15 +319,20 @@ class Runner:
 # --- Ray for the stages ---------------------------------------------------------------------
 
 
-def stage_environment(root: Path, params_file: Path) -> tuple[dict[str, str], bool]:
-    """The stages' environment; starts the pipeline's local Ray unless a cluster is given."""
+def ray_params(params_file: Path):
+    """The ``ray`` section of params (a ConfigError names a bad field)."""
     from components.config import load_yaml
-    from components.training.platform import load_platform, ray_address
+    from components.training.platform import load_platform
 
-    cfg = load_platform(load_yaml(str(params_file)), str(params_file)).ray
-    env = dict(os.environ)
+    return load_platform(load_yaml(str(params_file)), str(params_file)).ray
+
+
+def stage_environment(root: Path, cfg) -> tuple[dict[str, str], bool]:
+    """The stages' environment; starts the pipeline's local Ray unless a cluster is given."""
+    from components.training.platform import ray_address
+
     if ray_address(cfg):
-        return env, False
+        return dict(os.environ), False
     from components.training.local_ray import start_local_ray
 
     address = start_local_ray(cfg.num_cpus, dashboard=cfg.dashboard, project_root=root,
@@ -339,15 +344,6 @@ def stage_environment(root: Path, params_file: Path) -> tuple[dict[str, str], bo
     env["RAY_ADDRESS"] = address
     print(f"repro: one local Ray for every stage at {address} (127.0.0.1 only, token auth; {session})", flush=True)
     return env, True
-
-
-def _params_address(params_file: Path) -> str | None:
-    import yaml
-
-    try:
-        return ((yaml.safe_load(params_file.read_text()) or {}).get("ray") or {}).get("address")
-    except (OSError, yaml.YAMLError):
-        return None
 
 
 def _on_signal(signum, frame):
@@ -387,18 +383,26 @@ def main(argv: list[str] | None = None) -> int:
         print("repro: everything is up to date")
         return 0
     forget_fingerprint(root)
+    from components.config import ConfigError
+    from components.training.platform import ray_address
+
+    try:
+        cfg = ray_params(args.params)
+    except ConfigError as exc:
+        print(f"repro: error: {exc}", file=sys.stderr)
+        return 2
     # Both, explicitly: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     ray_state: dict[str, bool] = {}
 
     def start_ray() -> dict[str, str]:
-        env, ray_state["local"] = stage_environment(root, args.params)
+        env, ray_state["local"] = stage_environment(root, cfg)
         return env
 
     train_jobs = args.train_jobs
     if train_jobs is None:  # a cluster fits several runs at once; the local Ray one (and one waiting)
-        train_jobs = args.jobs if (os.environ.get("RAY_ADDRESS") or _params_address(args.params)) else 2
+        train_jobs = args.jobs if ray_address(cfg) else 2
     print(f"repro: {len(plan.order)} stages to run, {args.jobs} at a time ({train_jobs} training); "
           f"changed: {', '.join(sorted(plan.changed))}")  # fmt: skip
     runner = Runner(plan, root, args.jobs, args.keep_going, start_ray, args.ray, train_jobs)
