@@ -6,6 +6,7 @@ restored, and a Population Based Augmentation search.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -249,11 +250,21 @@ def _env() -> dict:
 
 def _child_runs(db_path: Path) -> list[tuple[str, str, str]]:
     """(trial_id, run id, status) of every trial's MLflow run."""
-    with sqlite3.connect(db_path) as db:
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
         return db.execute(
             "select t.value, r.run_uuid, r.status from runs r join tags t on r.run_uuid = t.run_uuid "
             "where t.key = 'trial_id'"
         ).fetchall()
+
+
+def _child_runs_while_starting(db_path: Path) -> list[tuple[str, str, str]]:
+    """As _child_runs, but empty while MLflow is still creating the database or its schema."""
+    if not db_path.exists():
+        return []
+    try:
+        return _child_runs(db_path)
+    except sqlite3.OperationalError:  # file created, tables not yet migrated, or locked mid-migration
+        return []
 
 
 @pytest.mark.slow
@@ -275,7 +286,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_
     deadline = time.time() + 300
     try:
         while time.time() < deadline and first.poll() is None:
-            done = [r for r in (_child_runs(db) if db.exists() else []) if r[2] in ("FINISHED", "KILLED")]
+            done = [r for r in _child_runs_while_starting(db) if r[2] in ("FINISHED", "KILLED")]
             if done:
                 time.sleep(3)  # Tune saves the experiment's state every second (TUNE_GLOBAL_CHECKPOINT_S)
                 break
