@@ -112,19 +112,44 @@ def tiny_dataset(tmp_path_factory, tiny_params) -> Path:
 def ray_session():
     import ray
 
-    from components.training.local_ray import SINGLE_NODE
+    from components.training.local_ray import API_SERVER, SINGLE_NODE, own_dashboard, reload_ray_settings
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    # Every server of this Ray on 127.0.0.1 (see components/training/local_ray.py); the setting is
-    # taken back at once so that clusters the tests start later can have several nodes.
-    before = os.environ.get(SINGLE_NODE)
+    # Every server of this Ray on 127.0.0.1, and its processes' state API on its own dashboard
+    # (see components/training/local_ray.py); the settings are taken back at once so that
+    # clusters the tests start later can have several nodes and their own dashboards.
+    from ray._private import ray_constants
+
+    before = {k: os.environ.get(k) for k in (SINGLE_NODE, API_SERVER)}
+    cluster_switch = ray_constants.ENABLE_RAY_CLUSTER
     os.environ[SINGLE_NODE] = "0"
     try:
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+        reload_ray_settings()  # Ray is imported already (collecting the tests imports it)
+        port = own_dashboard(os.environ)
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
     finally:
-        if before is None:
-            os.environ.pop(SINGLE_NODE)
-        else:
-            os.environ[SINGLE_NODE] = before
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_switch
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cpu_hog():
+    """One busy process on one core for the duration of a module's tests: stages, Ray's
+    processes and its health checks run on a machine that is not idle, as in CI beside other jobs."""
+    import subprocess
+    import sys
+
+    code = "import os\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\nwhile True:\n    pass\n"
+    hog = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        yield hog
+        assert hog.poll() is None, "the busy process ended before the tests did"
+    finally:
+        hog.kill()
+        hog.wait()

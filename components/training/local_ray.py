@@ -7,6 +7,13 @@ the machine's address, and its GCS, raylet and worker servers listen on every in
 on macOS: the node's address is 127.0.0.1 and every server binds to it. Processes started from
 such a Ray, and drivers that join it (the pipeline's stages), need the same setting and token;
 they inherit them from the environment this module sets.
+
+Its processes also get ``RAY_API_SERVER_ADDRESS``, the address of its dashboard. Ray's state API,
+called without an address, otherwise looks for the machine's Ray by its running GCS servers and
+fails when it finds two ("Found multiple active Ray instances"). Ray Train's placement-group
+cleaner, a detached actor that removes the reservation of a run whose controller died, calls it
+that way: on a machine with a second Ray its monitor thread died on that error and the dead run's
+CPUs stayed reserved, so the next run waited for them without end.
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import threading
 from collections.abc import MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
 SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-QUEUED_START_TIMEOUT_S = 900  # how long one start of a run's worker group waits for free resources
+API_SERVER = "RAY_API_SERVER_ADDRESS"  # where Ray's state API goes when it is given no address
 
 
 def local_ray_environment(environ: MutableMapping[str, str] | None = None, *, poll_interval_s: float = 0.25,
@@ -38,9 +46,6 @@ def local_ray_environment(environ: MutableMapping[str, str] | None = None, *, po
     # Ray Train's controller polls its workers every 2 s by default: seconds of idle start-up and
     # shutdown in every short CPU run. The controller runs in this Ray's worker processes.
     environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(poll_interval_s))
-    # Stages share this Ray and a run's worker group queues until the runs before it finish; Ray
-    # Train gives up on a start after 60 s by default and retries, logging a traceback each time.
-    environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(QUEUED_START_TIMEOUT_S))
     return environ
 
 
@@ -53,10 +58,21 @@ def start_local_ray(num_cpus: int | None, *, dashboard: bool, project_root: Path
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [str(project_root), pythonpath])))
     import ray
 
-    _reload_auth_settings()
+    reload_ray_settings()
+    options = {"dashboard_port": own_dashboard(os.environ)} if dashboard else {}
     with python_signal_handlers_kept():
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **options)
     return ray.get_runtime_context().gcs_address
+
+
+def own_dashboard(environ: MutableMapping[str, str]) -> int:
+    """A free loopback port for the dashboard of a Ray about to start, named in ``environ`` as
+    the state API's address: the Ray's processes inherit it and query their own Ray."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environ[API_SERVER] = f"http://127.0.0.1:{port}"
+    return port
 
 
 @contextmanager
@@ -73,7 +89,7 @@ def python_signal_handlers_kept():
                     signal.signal(sig, handler)
 
 
-def _reload_auth_settings() -> None:
+def reload_ray_settings() -> None:
     """Make an already imported Ray see the settings just put in the environment: the
     single-node switch is read when Ray is imported, its C++ config and token once per process."""
     from ray._private import ray_constants

@@ -22,6 +22,9 @@ CLIENT_PORT=${RAY_CLIENT_PORT:-10001}
 export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
 # Token authentication on every node; the token lives in ~/.ray/auth_token (or RAY_AUTH_TOKEN).
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+# Ray's state API in the cluster's own processes (Ray Train's placement-group cleaner among them)
+# goes to this dashboard; without it, it fails when this machine runs a second Ray.
+export RAY_API_SERVER_ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
 
 case "${1:-}" in
   start)
