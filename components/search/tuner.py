@@ -42,6 +42,7 @@ from components.tracking import mlflow_run as tracking
 from components.training.hooks import STATE_FILE
 from components.training.platform import PROJECT_ROOT, Platform, data_payload, init_ray, storage_for
 from components.training.ray_trainer import torch_trainer
+from components.training.resources import fit_within_wait
 from components.training.spec import RunSpec, load_run_spec
 
 FINGERPRINT_TAG = "search_fingerprint"
@@ -215,9 +216,13 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
         # The same name after a restore: Ray Train resumes the trial from its checkpoint.
         name = f"{ctx['name']}-{trial_id}"
-        torch_trainer(
-            train_loop_per_worker, payload, spec.training, name, ctx["storage"], callbacks=[TuneReportCallback()]
-        ).fit()
+        fit_within_wait(
+            lambda: torch_trainer(
+                train_loop_per_worker, payload, spec.training, name, ctx["storage"], callbacks=[TuneReportCallback()]
+            ),
+            spec.training,
+            f"{ctx['run']} trial {trial_id}",
+        )
     client.set_terminated(run_id, "FINISHED")  # PBT's last segment; otherwise TrialRunCloser
 
 

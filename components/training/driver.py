@@ -48,6 +48,7 @@ from components.training.platform import (  # noqa: F401  (the platform's names,
     storage_for,
 )
 from components.training.ray_trainer import torch_trainer
+from components.training.resources import fit_within_wait
 from components.training.rng import seed_all
 from components.training.spec import RunSpec
 
@@ -334,7 +335,8 @@ def fit(
         "trunk_state": trunk_state,
         "score_test": score_test,
     }
-    return torch_trainer(train_loop_per_worker, payload, spec.training, ray_name, storage).fit()
+    trainer = lambda: torch_trainer(train_loop_per_worker, payload, spec.training, ray_name, storage)  # noqa: E731
+    return fit_within_wait(trainer, spec.training, spec.name)
 
 
 def _log_and_register(run: _Run, client, model, best_val: float) -> tuple[str, bool]:

@@ -44,7 +44,9 @@ def torch_trainer(
         run_config=RunConfig(
             name=name,
             **storage.run_config_args(),
-            failure_config=FailureConfig(max_failures=training.failure.max_failures),
+            # A worker group that cannot start is not retried by the controller without end:
+            # components.training.resources.fit_within_wait decides after one bounded wait.
+            failure_config=FailureConfig(max_failures=training.failure.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=training.checkpoints_to_keep),
             callbacks=callbacks,
         ),

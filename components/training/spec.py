@@ -39,10 +39,16 @@ class ScalingParams:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     accelerator_type: str | None = None
+    # How long a worker group waits for resources that live work does not hold (a node lost, a
+    # stale reservation, a request larger than the cluster) before the run fails with what holds
+    # them; behind other runs it stays queued. Raise it where the cluster autoscales.
+    resource_wait_s: float = 600.0
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
+        if not self.resource_wait_s > 0:
+            raise ValueError(f"resource_wait_s must be > 0 seconds, got {self.resource_wait_s}")
 
 
 @dataclass
@@ -128,12 +134,13 @@ class RunSpec:
         """Identifies the run's inputs; a restarted stage with the same fingerprint resumes.
 
         Settings of how a run is executed, not of what it computes (failure handling, the fault
-        drill, checkpoint retention, loader processes, figures), are left out, so a run
+        drill, checkpoint retention, loader processes, figures, the wait for resources), are left out, so a run
         restarted with more retries still resumes.
         """
         resolved = self.resolved()
         for key in ("failure", "checkpoints_to_keep", "loader_workers", "figures_every"):
             resolved["training"].pop(key)
+        resolved["training"]["scaling"].pop("resource_wait_s")
         resolved["data_checksum"] = data_checksum
         if init_checksum is not None:  # a retrained pretrained trunk makes a new run
             resolved["init_checksum"] = init_checksum
