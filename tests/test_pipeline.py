@@ -17,7 +17,7 @@ from components.methods import get_method_class
 from components.tasks import get_task
 from tests.conftest import ROOT, shrink
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cpu_hog")]  # beside a busy core
 # The real params' runs that go through the pipeline here: every task family, a pretrained trunk
 # before the run that starts from it (detr), an untrained baseline row (epochs: 0), and methods
 # whose Ray Train path no other test tracks end to end. Every registered method also has its own

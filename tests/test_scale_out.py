@@ -21,7 +21,7 @@ from tests.conftest import ROOT, shrink
 from tests.local_stack import kill, local_stack, wait_for
 from tests.test_pipeline import _copy_project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cpu_hog")]  # beside a busy core
 BUCKET = "cvflow"  # stack.sh's default bucket
 SEARCHES = {  # tune@classifier on the cluster: two trials of one epoch, then train@classifier with the best
     "classifier": {
