@@ -7,6 +7,7 @@ writers lose no metric points; no credential reaches MLflow."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -299,6 +300,8 @@ def test_lost_worker_process_and_lost_worker_node_resume_from_checkpoint(
     assert code == 0, text[-4000:]
     run = _assert_one_finished_run(stack, name, epochs=FAULT_EPOCHS)
     assert int(run.data.tags["resumed_from_epoch"]) > first_resume  # resumed a second time, further on
+    assert re.fullmatch(r"[\d.]+/[0-9a-f]{12}", run.data.tags["ray.nodes_lost"])  # the killed node, said in the run
+    assert "the cluster lost 1 node(s) during the run" in text
     # Every worker's RNG state is in the checkpoint: the resumed run ends where the uninterrupted one did.
     print(f"interrupted twice: {run.data.metrics}; uninterrupted: {reference}")
     for key in ("test/top1", "best/top1"):

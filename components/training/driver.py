@@ -48,7 +48,7 @@ from components.training.platform import (  # noqa: F401  (the platform's names,
     storage_for,
 )
 from components.training.ray_trainer import torch_trainer
-from components.training.resources import fit_within_wait
+from components.training.resources import alive_nodes, fit_within_wait, report_lost_nodes
 from components.training.rng import seed_all
 from components.training.spec import RunSpec
 
@@ -336,7 +336,11 @@ def fit(
         "score_test": score_test,
     }
     trainer = lambda: torch_trainer(train_loop_per_worker, payload, spec.training, ray_name, storage)  # noqa: E731
-    return fit_within_wait(trainer, spec.training, spec.name)
+    nodes = alive_nodes()
+    try:
+        return fit_within_wait(trainer, spec.training, spec.name)
+    finally:
+        report_lost_nodes(nodes, spec.name)
 
 
 def _log_and_register(run: _Run, client, model, best_val: float) -> tuple[str, bool]:

@@ -204,6 +204,30 @@ def fit_within_wait(make_trainer: Callable[[], Any], training, label: str, *, lo
             raise ResourceWaitError(describe(ask, view, wait_s, label)) from exc
 
 
+def alive_nodes() -> dict[str, str]:
+    """The cluster's alive nodes: id -> address."""
+    import ray
+
+    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+
+def report_lost_nodes(before: dict[str, str], label: str, *, log=print) -> list[str]:
+    """Nodes of ``before`` that the cluster has lost since (its health checks took them for
+    dead): a log line, and the tag ``ray.nodes_lost`` on the active MLflow run."""
+    try:
+        import mlflow
+
+        now = alive_nodes()
+        lost = [f"{addr}/{node[:12]}" for node, addr in before.items() if node not in now]
+        if lost:
+            log(f"{label}: the cluster lost {len(lost)} node(s) during the run: {', '.join(lost)}", flush=True)
+            if mlflow.active_run() is not None:
+                mlflow.set_tag("ray.nodes_lost", ", ".join(lost))
+        return lost
+    except Exception:  # a report, never the reason a run fails
+        return []
+
+
 def _alive_totals() -> dict[str, float]:
     import ray
 
