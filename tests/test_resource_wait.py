@@ -76,6 +76,25 @@ def test_resource_wait_must_be_positive_and_is_not_part_of_the_fingerprint(tiny_
     assert waited.fingerprint("x") == load_run_spec(tiny_params, "classifier").fingerprint("x")
 
 
+@pytest.fixture(autouse=True)
+def _process_wide_tracking_uri_restored(monkeypatch):
+    """train() sets MLflow's tracking URI for the process; it would outrank later tests' env."""
+    from mlflow.tracking._tracking_service import utils as mlflow_utils
+
+    monkeypatch.setattr(mlflow_utils, "_tracking_uri", mlflow_utils._tracking_uri)
+
+
+def _one_epoch_run(tiny_params, tmp_path, resource_wait_s: float):
+    from components.training.driver import load_platform
+
+    params = copy.deepcopy(tiny_params)
+    params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    params["storage"]["path"] = str(tmp_path / "ray_results")
+    params["runs"]["classifier"].setdefault("training", {})
+    params["runs"]["classifier"]["training"].update({"epochs": 1, "scaling": {"resource_wait_s": resource_wait_s}})
+    return load_run_spec(params, "classifier"), load_platform(params)
+
+
 @pytest.mark.slow
 def test_a_run_behind_a_stale_reservation_fails_in_bounded_time_naming_it(ray_session, tiny_dataset, tiny_params,
                                                                           tmp_path):  # fmt: skip
@@ -84,14 +103,9 @@ def test_a_run_behind_a_stale_reservation_fails_in_bounded_time_naming_it(ray_se
     import mlflow
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from components.training.driver import load_platform, train
+    from components.training.driver import train
 
-    params = copy.deepcopy(tiny_params)
-    params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    params["storage"]["path"] = str(tmp_path / "ray_results")
-    params["runs"]["classifier"].setdefault("training", {})
-    params["runs"]["classifier"]["training"].update({"epochs": 1, "scaling": {"resource_wait_s": 3}})
-    spec, platform = load_run_spec(params, "classifier"), load_platform(params)
+    spec, platform = _one_epoch_run(tiny_params, tmp_path, resource_wait_s=3)
     stale = placement_group([{"CPU": 2}], lifetime="detached")
     ray_session.get(stale.ready(), timeout=60)
     try:
@@ -118,14 +132,9 @@ def test_behind_live_work_a_run_waits_past_its_resource_wait_and_then_trains(ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from components.training.driver import load_platform, train
+    from components.training.driver import train
 
-    params = copy.deepcopy(tiny_params)
-    params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
-    params["storage"]["path"] = str(tmp_path / "ray_results")
-    params["runs"]["classifier"].setdefault("training", {})
-    params["runs"]["classifier"]["training"].update({"epochs": 1, "scaling": {"resource_wait_s": 2}})
-    spec, platform = load_run_spec(params, "classifier"), load_platform(params)
+    spec, platform = _one_epoch_run(tiny_params, tmp_path, resource_wait_s=2)
     busy = placement_group([{"CPU": 1}, {"CPU": 1}])
     ray.get(busy.ready(), timeout=60)
 

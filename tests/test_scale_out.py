@@ -191,7 +191,9 @@ def test_no_credential_reaches_mlflow(stack, tmp_path):
         for i, source in enumerate(sources):
             dest = tmp_path / str(i)
             dest.mkdir()
-            download_artifacts(**source, dst_path=str(dest))
+            # The stack's server, not a URI an earlier test set process-wide (it outranks the env)
+            uri = stack.env["MLFLOW_TRACKING_URI"]
+            download_artifacts(**source, dst_path=str(dest), tracking_uri=uri, registry_uri=uri)
             for path in (p for p in dest.rglob("*") if p.is_file()):
                 data = path.read_bytes()
                 assert not any(v in data for v in values), f"a credential in {source}: {path.relative_to(dest)}"
@@ -289,8 +291,10 @@ def test_lost_worker_process_and_lost_worker_node_resume_from_checkpoint(
         [run] = _runs(stack, "digits/classification", name)
         wait_for(lambda: "resumed_from_epoch" in client.get_run(run.info.run_id).data.tags, 120, "a resume")
         first_resume = int(client.get_run(run.info.run_id).data.tags["resumed_from_epoch"])
-
-        wait_for(lambda: reached(first_resume + 3), 240, "two more epochs")
+        # Two epochs of the resumed attempt: on a busy machine the surviving worker can log an epoch
+        # more before the worker group stops, and those points do not count.
+        logged_at_resume = _epochs_logged(stack, name)
+        wait_for(lambda: reached(max(first_resume + 3, logged_at_resume + 2)), 240, "two more epochs")
         assert proc.poll() is None, log.read_text()[-3000:]
         raylet = wait_for(stack.train_workers, 30, "a Ray Train worker process")[-1].parent()
         assert raylet.name() == "raylet"
