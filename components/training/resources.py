@@ -163,7 +163,7 @@ def cluster_view() -> ClusterView:
                 _owner(entrypoints.get(job), job),
                 in_group.get(group.placement_group_id, []),
                 bool(group.is_detached),
-            )  # fmt: skip
+            )
         )
     dead = [f"{n.node_ip}/{n.node_id[:12]}" for n in nodes if n.state == "DEAD"]
     return ClusterView(total, free, holders, _sum(outside), dead)
