@@ -52,6 +52,21 @@ def test_fewer_validation_images_than_workers(tiny_params, tiny_dataset):
         check_run(spec, read_info(tiny_dataset))
 
 
+def test_metric_learning_batch_asks_for_more_classes_than_the_protocol_trains_on(tiny_params, tiny_dataset):
+    # 5 training classes, 4 samples of each per batch: a worker's batch holds at most 20 images
+    info = read_info(tiny_dataset)
+    check_run(_spec(tiny_params, "contrastive", batch_size=32, **{"scaling.num_workers": 2}), info)
+    spec = _spec(tiny_params, "contrastive", batch_size=32, **{"scaling.num_workers": 1})
+    with pytest.raises(
+        PreflightError,
+        match=r"runs\.contrastive\.training\.batch_size: a per-worker batch of 32 .* "
+        r"needs 8 classes per batch, but the retrieval protocol of 'digits' trains on 5",
+    ):
+        check_run(spec, info)
+    with pytest.raises(PreflightError, match=r"per-worker batch \(6\) is not a multiple of samples_per_class \(4\)"):
+        check_run(_spec(tiny_params, "contrastive", batch_size=12, **{"scaling.num_workers": 2}), info)
+
+
 def test_instance_segmenter_on_scenes_without_masks(tiny_params, tiny_dataset, tmp_path):
     root = _copy(tiny_dataset, tmp_path)
     for split in ("train", "val", "test"):

@@ -56,6 +56,8 @@ def check_run(spec: RunSpec, info: DatasetInfo) -> None:
             "for this family: the loop drops a partial batch, so no step would train",
         )
     workers = cfg.scaling.num_workers
+    if cfg.epochs > 0 and family == "retrieval":
+        _check_classes_per_batch(spec, info, cfg.batch_size // workers)
     if cfg.epochs > 0 and sizes["val"] < workers:
         raise PreflightError(
             spec.source,
@@ -86,6 +88,27 @@ def _usable_images(info: DatasetInfo, view: str, split: str, family: str, spec: 
             f"({info.root / view / (split + '.json')})",
         )
     return len(images) if family in ("detection", "instance_segmentation") else len(usable)
+
+
+def _check_classes_per_batch(spec: RunSpec, info: DatasetInfo, per_worker: int) -> None:
+    """Metric learning draws ``samples_per_class`` images of each class in a worker's batch: the
+    batch must not ask for more classes than the protocol trains on."""
+    m = int(getattr(spec.create_method().cfg, "samples_per_class", 4))
+    view = get_task("retrieval").view
+    labels = {im["label"] for im in _retrieval_classes(info, "train", read_split(info.root, view, "train")["images"])
+              if "label" in im}  # fmt: skip
+    key = f"{spec.key}.training.batch_size"
+    if per_worker % m:
+        raise PreflightError(spec.source, key, f"the per-worker batch ({per_worker}) is not a multiple of "
+                             f"samples_per_class ({m})")  # fmt: skip
+    if per_worker // m > len(labels):
+        raise PreflightError(
+            spec.source,
+            key,
+            f"a per-worker batch of {per_worker} (batch_size / num_workers) at samples_per_class {m} needs "
+            f"{per_worker // m} classes per batch, but the retrieval protocol of {spec.dataset!r} trains on "
+            f"{len(labels)}; lower batch_size or raise num_workers",
+        )
 
 
 def _retrieval_classes(info: DatasetInfo, split: str, images: list[dict]) -> list[dict]:
