@@ -14,7 +14,7 @@ setup: $(BIN)/.installed
 
 # The main job: prepare the embedded data, train every run in params.yaml, track in MLflow.
 # Independent stages run JOBS at a time on one Ray (pipelines/repro.py); `dvc repro` works too.
-JOBS ?= 3
+JOBS ?= 4
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipelines.repro -j $(JOBS)
 

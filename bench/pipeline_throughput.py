@@ -1,6 +1,6 @@
 """Throughput of the whole pipeline: wall time, and the share of it spent training.
 
-    python -m bench.pipeline_throughput [--command "python -m pipelines.repro -j 3"] [--noop-repeats 5]
+    python -m bench.pipeline_throughput [--command "python -m pipelines.repro -j 4"] [--noop-repeats 5]
     python -m bench.pipeline_throughput --db old/mlflow.db --wall 2373   # a repro measured before
 
 Clones this repository's HEAD into a temporary folder (a fresh checkout: nothing prepared,
@@ -124,7 +124,7 @@ def fresh_run(command: list[str], repeats: int, keep: Path | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--command", default=f"{sys.executable} -m pipelines.repro -j 3")
+    parser.add_argument("--command", default=f"{sys.executable} -m pipelines.repro -j 4")
     parser.add_argument("--noop-repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the clone here (default: a temporary folder)")
     parser.add_argument("--db", type=Path, default=None, help="analyse this MLflow database instead of running")

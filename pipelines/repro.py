@@ -1,6 +1,6 @@
 """``make repro``: every stage of dvc.yaml, independent ones at the same time, on one Ray.
 
-python -m pipelines.repro [-j 3] [--keep-going] [STAGE ...]
+python -m pipelines.repro [-j 4] [--keep-going] [STAGE ...]
 
 Walks DVC's stage graph and runs each stage whose inputs changed (and each stage after one) as
 ``dvc --wait-for-lock repro --single-item <stage>``: DVC itself checks, runs and records every
@@ -353,11 +353,11 @@ def _on_signal(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stages", nargs="*", help="stages to reproduce (with what they depend on); default: all")
-    parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("CVFLOW_REPRO_JOBS", "3")),
-                        help="stages at once (default 3, or CVFLOW_REPRO_JOBS)")  # fmt: skip
+    parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("CVFLOW_REPRO_JOBS", "4")),
+                        help="stages at once (default 4, or CVFLOW_REPRO_JOBS)")  # fmt: skip
     parser.add_argument("--train-jobs", type=int, default=None,
-                        help="training stages at once (default: 2 on the local Ray, one training and one ready to "
-                        "take its place; -j on a cluster; or CVFLOW_REPRO_TRAIN_JOBS)")  # fmt: skip
+                        help="training stages at once (default: on the local Ray, one per CPU and one ready to "
+                        "take a freed place; -j on a cluster; or CVFLOW_REPRO_TRAIN_JOBS)")  # fmt: skip
     parser.add_argument("-k", "--keep-going", action="store_true", help="after a failure, run what does not need it")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--cd", type=Path, default=None, help="the project's folder (default: here)")
@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         return env
 
     train_jobs = args.train_jobs
-    if train_jobs is None:  # a cluster fits several runs at once; the local Ray one (and one waiting)
-        train_jobs = args.jobs if ray_address(cfg) else 2
+    if train_jobs is None:  # a cluster fits several runs at once; the local Ray one per CPU (and one waiting)
+        train_jobs = args.jobs if ray_address(cfg) else min(args.jobs, (cfg.num_cpus or os.cpu_count() or 1) + 1)
     print(f"repro: {len(plan.order)} stages to run, {args.jobs} at a time ({train_jobs} training); "
           f"changed: {', '.join(sorted(plan.changed))}")  # fmt: skip
     runner = Runner(plan, root, args.jobs, args.keep_going, start_ray, args.ray, train_jobs)
