@@ -64,11 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     tests = ", ".join(f"{k}={v:.4f}" for k, v in outcome.test_metrics.items())
+    best = next(s for s in outcome.seeds if s.run_id == outcome.run_id)
     print(
-        f"train {spec.key}: mlflow run {outcome.run_id}{' (resumed)' if outcome.resumed else ''}; "
-        f"best val {outcome.best_val:.4f}; {tests}; model version {outcome.model_version}"
-        f"{' (champion)' if outcome.champion else ''}"
+        f"train {spec.key}: group run {outcome.group_run_id}, {len(outcome.seeds)} seed(s); best seed {best.seed} "
+        f"(run {outcome.run_id}{', resumed' if outcome.resumed else ''}): best val {outcome.best_val:.4f}; {tests}; "
+        f"model version {outcome.model_version}{' (champion)' if outcome.champion else ''}"
     )
+    for key in outcome.test_metrics:
+        a = outcome.aggregates
+        print(f"  {key} over seeds: {a[key + '_mean']:.4f} [{a[key + '_ci_low']:.4f}, {a[key + '_ci_high']:.4f}] "
+              f"(95% CI, n = {a[key + '_n']:.0f})")  # fmt: skip
     return 0
 
 

@@ -71,7 +71,18 @@ def test_literal_and_validate_errors(params):
         load_run_spec(p, "classifier")
     p = copy.deepcopy(params)
     p["training"]["batch_size"] = 65
+    p["training"]["scaling"]["num_workers"] = 2
     with pytest.raises(ConfigError, match="not divisible by scaling.num_workers"):
+        load_run_spec(p, "classifier")
+    p = copy.deepcopy(params)
+    p["runs"]["classifier"]["seeds"] = [0, 1, 0]
+    with pytest.raises(ConfigError, match=r"runs\.classifier: seeds must be distinct, got \[0, 1, 0\]"):
+        load_run_spec(p, "classifier")
+    p["runs"]["classifier"]["seeds"] = []
+    with pytest.raises(ConfigError, match=r"runs\.classifier: seeds must list at least one seed"):
+        load_run_spec(p, "classifier")
+    p["runs"]["classifier"]["seeds"] = ["a"]
+    with pytest.raises(ConfigError, match=r"runs\.classifier\.seeds"):
         load_run_spec(p, "classifier")
     p = copy.deepcopy(params)
     p["training"]["epochs"] = -1
@@ -132,3 +143,23 @@ def test_from_dict_types():
         from_dict(_Outer, {"name": "a", "maybe": 1.5}, source="s")
     with pytest.raises(ConfigError, match=r"inner\.x: expected float, got True"):
         from_dict(_Outer, {"name": "a", "inner": {"x": True}}, source="s")
+
+
+def test_seeds_make_one_run_each_and_a_group_of_them(params):
+    p = copy.deepcopy(params)
+    p["runs"]["classifier"]["seeds"] = [0, 1, 2]
+    spec = load_run_spec(p, "classifier")
+    assert spec.seed_list == [0, 1, 2] and [spec.for_seed(s).training.seed for s in (0, 1, 2)] == [0, 1, 2]
+    assert spec.training.seed == params["training"]["seed"]  # for_seed copies, it does not edit
+    fps = {spec.for_seed(s).fingerprint("data") for s in (0, 1, 2)}
+    assert len(fps) == 3  # each seed resumes its own run
+    one = copy.deepcopy(params)
+    one["runs"]["classifier"].pop("seeds", None)
+    single = load_run_spec(one, "classifier")
+    assert single.seed_list == [single.training.seed]
+    # a seed's run is the run it was before seeds existed: unfinished runs still resume
+    assert single.for_seed(single.training.seed).fingerprint("data") == single.fingerprint("data")
+    assert spec.for_seed(0).fingerprint("data") == single.fingerprint("data")
+    # the group is its seeds: another list is another group
+    assert spec.group_fingerprint("data") != single.group_fingerprint("data")
+    assert spec.group_fingerprint("data") == load_run_spec(p, "classifier").group_fingerprint("data")

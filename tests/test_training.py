@@ -6,6 +6,7 @@ These start Ray Train worker groups (two workers, DDP over gloo) on a tiny datas
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -291,3 +292,57 @@ def _assert_test_scores_of_the_best_weights(spec, data, model_dir, test_metrics)
     model.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
     scores, _ = evaluate(method, task, model, split_loader(task, info, "test", 16), info.num_classes)
     assert test_metrics == pytest.approx({f"test/{k}": v for k, v in scores.items()}, abs=1e-6)
+
+
+def test_seeds_train_under_a_group_run_that_carries_their_aggregates(
+    ray_session, tiny_dataset, tiny_params, platform, tmp_path
+):
+    import json
+
+    from components.report.stats import interval
+
+    spec = _spec(tiny_params, epochs=1)
+    spec = dataclasses.replace(spec, seeds=(3, 4))
+    out = _run(spec, platform, tiny_dataset, tmp_path, "seeds")
+    client = _client(platform)
+    group = client.get_run(out.group_run_id)
+    assert group.info.status == "FINISHED" and group.data.tags["run_kind"] == "group"
+    assert group.data.tags["seeds"] == "3,4" and "training.seed" not in group.data.params
+    children = client.search_runs(
+        [group.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{out.group_run_id}'"
+    )
+    by_seed = {int(c.data.tags["seed"]): c for c in children}
+    assert sorted(by_seed) == [3, 4] and [s.seed for s in out.seeds] == [3, 4]
+    assert all(c.info.status == "FINISHED" and c.data.params["training.seed"] == str(s) for s, c in by_seed.items())
+    # the seeds differ (their own initialisation and order), and the group's numbers are theirs
+    tops = [by_seed[s].data.metrics["test/top1"] for s in (3, 4)]
+    assert by_seed[3].data.metrics["train/loss"] != by_seed[4].data.metrics["train/loss"]
+    iv = interval(tops)
+    m = group.data.metrics
+    assert m["test/top1_mean"] == pytest.approx(sum(tops) / 2) and m["test/top1_n"] == 2
+    assert (m["test/top1_ci_low"], m["test/top1_ci_high"]) == pytest.approx((iv.low, iv.high))
+    assert min(tops) <= m["test/top1_ci_low"] <= m["test/top1_ci_high"] <= max(tops)
+    bests = {s: by_seed[s].data.metrics["best/top1"] for s in (3, 4)}
+    assert m["best/top1_mean"] == pytest.approx(sum(bests.values()) / 2)
+    # the registered model and the entry's files are the best seed's by validation (first on ties)
+    best_seed = 3 if bests[3] >= bests[4] else 4
+    assert out.run_id == by_seed[best_seed].info.run_id and group.data.tags["best_seed"] == str(best_seed)
+    version = client.get_model_version_by_alias("digits-classifier", "champion")
+    assert version.run_id == out.run_id
+    model_dir, results = tmp_path / "seeds" / "model", tmp_path / "seeds" / "results"
+    assert (model_dir / "model.pt").read_bytes() == (model_dir / "seeds" / str(best_seed) / "model.pt").read_bytes()
+    summary = json.loads((results / "metrics.json").read_text())
+    assert summary["mlflow_group_run_id"] == out.group_run_id and summary["best_seed"] == best_seed
+    assert [row["seed"] for row in summary["per_seed"]] == [3, 4]
+    assert summary["aggregate"]["test/top1"]["mean"] == pytest.approx(m["test/top1_mean"])
+
+    # A group cut short after its first seed: that seed is read back from MLflow, not retrained.
+    client.set_terminated(out.group_run_id, "FAILED")
+    client.delete_run(by_seed[4].info.run_id)
+    again = _run(spec, platform, tiny_dataset, tmp_path, "seeds-again")
+    assert again.group_run_id == out.group_run_id
+    first, second = again.seeds
+    assert first.reused and first.run_id == by_seed[3].info.run_id and first.history == out.seeds[0].history
+    assert not second.reused and second.run_id != by_seed[4].info.run_id
+    assert _steps(client, first.run_id) == [0]  # no epoch logged twice
+    assert client.get_run(out.group_run_id).info.status == "FINISHED"

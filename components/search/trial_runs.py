@@ -39,6 +39,7 @@ def open_child_run(client, ctx: dict[str, Any], trial_id: str, spec: RunSpec, co
             "mlflow.parentRunId": ctx["parent_run_id"],
             "trial_id": trial_id,
             "stage": "tune-trial",
+            tracking.RUN_KIND: "trial",
             "run": ctx["run"],
             "method": spec.method,
             "dataset": spec.dataset,

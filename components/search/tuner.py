@@ -127,7 +127,7 @@ def run_search(
     uri = tracking.resolve_tracking_uri(platform.mlflow)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    experiment = mlflow.set_experiment(tracking.experiment_name(spec.dataset, method.task))
+    experiment = tracking.use_experiment(tracking.experiment_name(spec.dataset, method.task))
     resume_id = tracking.find_resumable_run(client, experiment.experiment_id, fingerprint, tag=FINGERPRINT_TAG)
     started = time.time()
     with mlflow.start_run(run_id=resume_id, experiment_id=experiment.experiment_id, run_name=f"tune-{run}") as parent:
@@ -135,6 +135,7 @@ def run_search(
         mlflow.set_tags(
             {
                 "stage": "tune",
+                tracking.RUN_KIND: "search",
                 "run": run,
                 "method": spec.method,
                 "task": method.task,

@@ -21,7 +21,9 @@ from components.config import flatten
 CHAMPION = "champion"
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|api[_-]?key|access[_-]?key|auth)", re.I)
 REDACTED = "<redacted>"
-GIT_COMMIT_ENV = "CVFLOW_GIT_COMMIT"  # the commit, where the checkout has no .git (a Ray job's copy)
+GIT_COMMIT_ENV = "CVFLOW_GIT_COMMIT"
+RUN_KIND = "run_kind"  # group (an entry), seed (one seed of it), search, trial, compare
+GROUP_FINGERPRINT = "group_fingerprint"  # the commit, where the checkout has no .git (a Ray job's copy)
 
 
 @dataclass
@@ -68,6 +70,21 @@ def exit_on_sigterm() -> None:
 
 def experiment_name(dataset: str, task: str) -> str:
     return f"{dataset}/{task}"
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI opens such an experiment on its training runs
+
+
+def use_experiment(name: str):
+    """``mlflow.set_experiment(name)``, marked as model training (MLflow's UI would otherwise
+    open an experiment on a GenAI traces overview)."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment
 
 
 def registered_model_name(dataset: str, method: str) -> str:
@@ -126,6 +143,17 @@ def find_resumable_run(client, experiment_id: str, fingerprint: str, tag: str = 
     if runs and runs[0].info.status != "FINISHED":
         return runs[0].info.run_id
     return None
+
+
+def child_run(client, experiment_id: str, parent_id: str, fingerprint: str):
+    """The newest run under ``parent_id`` whose fingerprint is ``fingerprint``, if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.fingerprint = '{fingerprint}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 def metric_is_better(new: float, old: float, higher_is_better: bool) -> bool:

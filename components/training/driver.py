@@ -10,9 +10,10 @@ with the error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,32 @@ from components.training.spec import RunSpec
 
 
 @dataclass
-class RunOutcome:
+class SeedOutcome:
+    """One seed of an entry: its own Ray Train run and MLflow child run."""
+
+    seed: int
     run_id: str
-    resumed: bool
+    resumed: bool  # reopened after a crash, resumed from its last checkpoint
+    reused: bool  # finished in an earlier attempt of the group: read back, not trained again
     test_metrics: dict[str, float]
+    best_val: float
+    history: list[dict[str, float]]
+    compute: dict[str, Any]
+
+
+@dataclass
+class RunOutcome:
+    run_id: str  # the best seed's run (by validation): the one whose model is registered
+    resumed: bool
+    test_metrics: dict[str, float]  # the best seed's
     best_val: float
     model_version: str | None
     champion: bool
     history: list[dict[str, float]]
     compute: dict[str, Any]
+    group_run_id: str = ""
+    seeds: list[SeedOutcome] = field(default_factory=list)
+    aggregates: dict[str, float] = field(default_factory=dict)  # the group run's metrics
 
 
 @dataclass
@@ -79,6 +97,10 @@ class _Run:
     trunk_checksum: str | None
 
 
+SEED_WEIGHTS = "weights/model.pt"  # in a seed's MLflow run: its best weights, to finish a resumed group
+SEED_FILES = ("metrics.json", "history.csv", "curves.png", "test_predictions.png")
+
+
 def train(
     spec: RunSpec,
     platform: Platform,
@@ -88,30 +110,122 @@ def train(
     pretrained_root: str | Path = PRETRAINED_ROOT,
     tags: dict[str, str] | None = None,
 ) -> RunOutcome:
-    """Train ``spec`` on Ray Train, tracked in MLflow; write the model and metrics files.
+    """Train ``spec`` on Ray Train, one run per seed, tracked in MLflow; write the model and
+    metrics files.
+
+    The entry gets a group run; each seed a child run under it, trained one after another. The
+    group run carries the seeds' aggregates (:func:`group_metrics`); the best seed by validation
+    gives ``model_dir``'s model and the registered one. A group that failed part-way reopens with
+    its finished seeds read back from MLflow and its unfinished one resumed from its checkpoint.
 
     A run whose backbone names a ``pretrain`` entry starts from the trunk saved under
     ``pretrained_root``; pretrain entries themselves are not registered as models. ``tags`` are
-    added to the run's lineage tags (e.g. the search that chose its hyperparameters)."""
+    added to the runs' lineage tags (e.g. the search that chose its hyperparameters)."""
     import mlflow
 
     tracking.apply_privacy_defaults(platform.mlflow.telemetry)
     run = _prepare(spec, platform, data_root, pretrained_root)
-    fingerprint = spec.fingerprint(run.info.checksum, run.trunk_checksum)
+    group_fp = spec.group_fingerprint(run.info.checksum, run.trunk_checksum)
     client, experiment_id = _tracking(platform, spec, run.method.task)
-    resume_id = tracking.find_resumable_run(client, experiment_id, fingerprint)
-    system_metrics = platform.mlflow.system_metrics
-    with mlflow.start_run(
-        run_id=resume_id, experiment_id=experiment_id, run_name=spec.name, log_system_metrics=system_metrics
-    ) as active:
-        _describe(run, client, active.info.run_id, fingerprint, tags or {}, new=resume_id is None)
+    resume_id = tracking.find_resumable_run(client, experiment_id, group_fp, tag=tracking.GROUP_FINGERPRINT)
+    with mlflow.start_run(run_id=resume_id, experiment_id=experiment_id, run_name=spec.name) as group:
+        group_id = group.info.run_id
+        _describe_group(run, client, group_id, group_fp, tags or {}, new=resume_id is None)
         try:
-            outcome = _train_and_finish(run, client, active.info.run_id, Path(model_dir), Path(results_dir))
+            seeds = [
+                _train_seed(run, seed, client, experiment_id, group_id, tags or {}, Path(model_dir), Path(results_dir))
+                for seed in spec.seed_list
+            ]
+            return _finish_group(run, client, group_id, seeds, Path(model_dir), Path(results_dir))
         except BaseException as exc:  # also SystemExit from SIGTERM (`ray job stop`, a pod's eviction)
             # The run ends FAILED (start_run's context); say why where the run is looked at.
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             raise
-    return RunOutcome(active.info.run_id, resume_id is not None, **outcome)
+
+
+def _train_seed(
+    run: _Run, seed: int, client, experiment_id: str, group_id: str, tags: dict[str, str], model_dir: Path,
+    results_dir: Path,
+) -> SeedOutcome:  # fmt: skip
+    """One seed's child run: read back if it finished in this group before, else trained
+    (resumed from its checkpoint if it was cut short)."""
+    import mlflow
+
+    spec = run.spec.for_seed(seed)
+    seeded = dataclasses.replace(run, spec=spec, resolved=spec.resolved())
+    fingerprint = spec.fingerprint(run.info.checksum, run.trunk_checksum)
+    seed_dir, weights = results_dir / "seeds" / str(seed), model_dir / "seeds" / str(seed) / "model.pt"
+    earlier = tracking.child_run(client, experiment_id, group_id, fingerprint)
+    if earlier is not None and earlier.info.status == "FINISHED":
+        return _read_back(client, earlier, seed, seed_dir, weights)
+    resume_id = earlier.info.run_id if earlier is not None else None
+    resume_id = resume_id or tracking.find_resumable_run(client, experiment_id, fingerprint)
+    with mlflow.start_run(
+        run_id=resume_id, experiment_id=experiment_id, run_name=f"{spec.name} seed {seed}", nested=True,
+        log_system_metrics=run.platform.mlflow.system_metrics,
+    ) as active:  # fmt: skip
+        child_tags = {**tags, tracking.RUN_KIND: "seed", "seed": str(seed), "mlflow.parentRunId": group_id}
+        _describe(seeded, client, active.info.run_id, fingerprint, child_tags, new=resume_id is None)
+        try:
+            done = _train_and_finish(seeded, client, active.info.run_id, weights.parent, seed_dir)
+            mlflow.log_artifact(str(weights), Path(SEED_WEIGHTS).parent.as_posix())
+        except BaseException as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+    return SeedOutcome(seed, active.info.run_id, resume_id is not None, False, done["test_metrics"],
+                       done["best_val"], done["history"], done["compute"])  # fmt: skip
+
+
+def _read_back(client, earlier, seed: int, seed_dir: Path, weights: Path) -> SeedOutcome:
+    """A seed that finished in an earlier attempt of its group: its files from its MLflow run."""
+    import shutil
+    import tempfile
+
+    run_id = earlier.info.run_id
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        places = {name: seed_dir / name for name in SEED_FILES}
+        places.update({SEED_WEIGHTS: weights, "config.yaml": weights.parent / "config.yaml"})
+        for name, place in places.items():
+            shutil.copyfile(client.download_artifacts(run_id, name, tmp), place)
+    summary = json.loads((seed_dir / "metrics.json").read_text())
+    history = _read_history_csv(seed_dir / "history.csv")
+    tests = {k: float(v) for k, v in summary.items() if k.startswith("test/")}
+    best_val = next(float(v) for k, v in summary.items() if k.startswith("best_val/"))
+    print(f"{earlier.data.tags.get('run', '?')} seed {seed}: finished before in this group (run {run_id})", flush=True)
+    return SeedOutcome(seed, run_id, False, True, tests, best_val, history, summary["compute"])
+
+
+def _describe_group(run: _Run, client, run_id: str, fingerprint: str, tags: dict[str, str], new: bool) -> None:
+    """The group run: the entry's tags and params (without the seed: its children differ in it)."""
+    import mlflow
+
+    spec, info = run.spec, run.info
+    mlflow.set_tags(
+        {
+            "method": spec.method,
+            "task": run.method.task,
+            "dataset": spec.dataset,
+            "run": spec.name,
+            "stage": "pretrain" if spec.section == "pretrain" else "train",
+            "paper": f"arXiv:{run.method.paper}",
+            "git_commit": tracking.git_commit(PROJECT_ROOT),
+            "data_checksum": info.checksum,
+            tracking.GROUP_FINGERPRINT: fingerprint,
+            tracking.RUN_KIND: "group",
+            "seeds": ",".join(str(s) for s in spec.seed_list),
+            **({"pretrained_checksum": run.trunk_checksum} if run.trunk_checksum else {}),
+            **tags,
+        }
+    )
+    if new:
+        resolved = spec.resolved()
+        resolved["training"].pop("seed")
+        resolved["training"]["failure"].pop("fail_at_epoch")
+        resolved["seeds"] = ",".join(str(s) for s in spec.seed_list)
+        tracking.log_params(client, run_id, resolved)
+        lineage.log_dataset_inputs(info, run.task.view)
 
 
 def _prepare(spec: RunSpec, platform: Platform, data_root, pretrained_root) -> _Run:
@@ -150,7 +264,7 @@ def _tracking(platform: Platform, spec: RunSpec, task: str):
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(platform.mlflow))
     if platform.mlflow.registry_uri:
         mlflow.set_registry_uri(platform.mlflow.registry_uri)
-    experiment = mlflow.set_experiment(tracking.experiment_name(spec.dataset, task))
+    experiment = tracking.use_experiment(tracking.experiment_name(spec.dataset, task))
     return mlflow.MlflowClient(), experiment.experiment_id
 
 
@@ -240,7 +354,7 @@ def _finish(
     run: _Run, client, best_state, history, totals, model_dir: Path, results_dir: Path, scored=None
 ) -> dict[str, Any]:
     """Score the best weights on the test split (unless the workers did: ``scored``, the scores and
-    a sample batch); write, log and register what the run made."""
+    a sample batch); write and log what the seed's run made (the group registers the best seed's)."""
     import mlflow
 
     spec, task = run.spec, run.task
@@ -257,6 +371,7 @@ def _finish(
     summary = {
         "run": spec.name,
         "method": spec.method,
+        "seed": spec.training.seed,
         "mlflow_run_id": mlflow.active_run().info.run_id,
         f"best_val/{task.primary_metric}": best_val,
         **test_metrics,
@@ -264,18 +379,108 @@ def _finish(
         "compute": compute.to_dict(),
     }
     _write_outputs(run, best_state, summary, history, sample, model_dir, results_dir)
+    return {"test_metrics": test_metrics, "best_val": best_val, "history": history, "compute": compute.to_dict()}
+
+
+def group_metrics(seeds: list[SeedOutcome], primary: str) -> dict[str, float]:
+    """The group run's metrics: for each test metric, the best validation score (``best/<primary>``),
+    each validation metric of the last epoch and the compute each seed got, the mean over seeds
+    with its 95% bootstrap interval and n (``<key>_mean``, ``_ci_low``, ``_ci_high``, ``_n``; and
+    ``_iqm`` from 4 seeds on): :mod:`components.report.stats`."""
+    from components.report.stats import interval
+
+    per_key: dict[str, list[float]] = {}
+    for s in seeds:
+        last = s.history[-1] if s.history else {}
+        values = {**{k: v for k, v in last.items() if k.startswith("val/")}, **s.test_metrics}
+        values[f"best/{primary}"] = s.best_val
+        for key in ("device_seconds", "train_wall_s"):
+            if key in s.compute:
+                values[f"compute/{key}"] = s.compute[key]
+        for k, v in values.items():
+            per_key.setdefault(k, []).append(float(v))
+    out: dict[str, float] = {}
+    for key, values in sorted(per_key.items()):
+        if len(values) != len(seeds):  # a metric some seeds lack is not a mean over the seeds
+            continue
+        iv = interval(values)
+        out.update({f"{key}_mean": iv.mean, f"{key}_ci_low": iv.low, f"{key}_ci_high": iv.high, f"{key}_n": iv.n})
+        if iv.iqm is not None:
+            out[f"{key}_iqm"] = iv.iqm
+    return out
+
+
+def _finish_group(
+    run: _Run, client, group_id: str, seeds: list[SeedOutcome], model_dir: Path, results_dir: Path
+) -> RunOutcome:
+    """The group run's aggregates; the best seed by validation (first on ties) gives the entry's
+    model and files and is the one registered; ``metrics.json`` holds it, the aggregates and every seed."""
+    import shutil
+
+    import mlflow
+
+    spec, task = run.spec, run.task
+    primary = task.primary_metric
+    best = seeds[0]
+    for s in seeds[1:]:
+        if tracking.metric_is_better(s.best_val, best.best_val, task.higher_is_better):
+            best = s
+    aggregates = group_metrics(seeds, primary)
+    mlflow.log_metrics(aggregates, step=0)
+    seed_model = model_dir / "seeds" / str(best.seed)
+    for name in ("model.pt", "config.yaml"):
+        shutil.copyfile(seed_model / name, model_dir / name)
+    for name in SEED_FILES[1:]:
+        shutil.copyfile(results_dir / "seeds" / str(best.seed) / name, results_dir / name)
+    aggregate = {
+        key[: -len("_mean")]: {
+            stat: aggregates[f"{key[: -len('_mean')]}_{stat}"] for stat in ("mean", "ci_low", "ci_high", "n")
+        }
+        for key in aggregates
+        if key.endswith("_mean")
+    }
+    summary = {
+        "run": spec.name,
+        "method": spec.method,
+        "task": task.name,
+        "mlflow_group_run_id": group_id,
+        "mlflow_run_id": best.run_id,
+        "seeds": [s.seed for s in seeds],
+        "best_seed": best.seed,
+        f"best_val/{primary}": best.best_val,
+        **best.test_metrics,
+        "epochs": len(best.history),
+        "compute": best.compute,
+        "aggregate": aggregate,
+        "per_seed": [
+            {"seed": s.seed, "mlflow_run_id": s.run_id, f"best_val/{primary}": s.best_val, **s.test_metrics}
+            for s in seeds
+        ],
+    }
+    (results_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    mlflow.log_artifact(str(results_dir / "metrics.json"))
     version, champion = None, False
     # Pretrain entries and untrained baselines (epochs: 0) are compared, not deployed.
     if run.platform.mlflow.register_models and spec.section == "runs" and spec.training.epochs > 0:
-        version, champion = _log_and_register(run, client, model, best_val)
-    return {
-        "test_metrics": test_metrics,
-        "best_val": best_val,
-        "model_version": version,
-        "champion": champion,
-        "history": history,
-        "compute": compute.to_dict(),
-    }
+        model = run.method.build(run.info)
+        model.load_state_dict(torch.load(seed_model / "model.pt", map_location="cpu", weights_only=True))
+        with mlflow.start_run(run_id=best.run_id, nested=True):
+            version, champion = _log_and_register(run, client, model.eval(), best.best_val)
+    mlflow.set_tags({"best_seed": str(best.seed), "best_run_id": best.run_id,
+                     **({"model_version": version} if version else {})})  # fmt: skip
+    return RunOutcome(
+        run_id=best.run_id,
+        resumed=any(s.resumed for s in seeds),
+        test_metrics=best.test_metrics,
+        best_val=best.best_val,
+        model_version=version,
+        champion=champion,
+        history=best.history,
+        compute=best.compute,
+        group_run_id=group_id,
+        seeds=seeds,
+        aggregates=aggregates,
+    )
 
 
 def compute_ledger(run: _Run, model, history: list[dict], totals: dict[str, Any], test_s: float):
@@ -370,6 +575,12 @@ def _log_and_register(run: _Run, client, model, best_val: float) -> tuple[str, b
     alias = run.platform.mlflow.champion_alias
     champion = tracking.update_champion(client, name, version, metric_key, best_val, run.task.higher_is_better, alias)
     return version, champion
+
+
+def _read_history_csv(path: Path) -> list[dict[str, float]]:
+    lines = path.read_text().splitlines()
+    keys = lines[0].split(",")
+    return [{k: float(v) for k, v in zip(keys, line.split(","), strict=True) if v != ""} for line in lines[1:]]
 
 
 def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:

@@ -17,6 +17,8 @@ gives the method's typed config under ``config`` and may override any key of ``t
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,6 +100,16 @@ class RunEntry:
     config: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] | None = None  # tune@<run>: validated by components.search.config
+    # One Ray Train run and one MLflow child run per seed, under the entry's group run; null: the
+    # one seed of ``training.seed``.
+    seeds: list[int] | None = None
+
+    def validate(self) -> None:
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ValueError("seeds must list at least one seed (or be null: training.seed)")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds must be distinct, got {self.seeds}")
 
 
 @dataclass
@@ -111,6 +123,22 @@ class RunSpec:
     training: TrainingConfig
     source: str = "params.yaml"
     section: str = "runs"  # or "pretrain"
+    seeds: tuple[int, ...] = ()  # empty: the one seed of training.seed
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) or [self.training.seed]
+
+    def for_seed(self, seed: int) -> RunSpec:
+        """The run of one seed: ``training.seed`` set to it."""
+        training = copy.deepcopy(self.training)
+        training.seed = seed
+        return dataclasses.replace(self, training=training, seeds=(seed,))
+
+    def group_fingerprint(self, data_checksum: str, init_checksum: str | None = None) -> str:
+        """Identifies the entry's group run: the fingerprints of its seeds' runs, in order."""
+        runs = [self.for_seed(s).fingerprint(data_checksum, init_checksum) for s in self.seed_list]
+        return hashlib.sha256(json.dumps(runs).encode()).hexdigest()[:12]
 
     @property
     def key(self) -> str:
@@ -157,6 +185,7 @@ class RunSpec:
             "training": to_dict(self.training),
             "source": self.source,
             "section": self.section,
+            "seeds": list(self.seeds),
         }
 
     @classmethod
@@ -170,6 +199,7 @@ class RunSpec:
             training=training,
             source=payload["source"],
             section=payload.get("section", "runs"),
+            seeds=tuple(payload.get("seeds", ())),
         )
 
 
@@ -213,7 +243,8 @@ def load_run_spec(
     training = from_dict(
         TrainingConfig, deep_merge(defaults, entry.training), source=source, key=f"{kind}.{run}.training"
     )
-    spec = RunSpec(run, entry.method, entry.dataset, entry.config, training, os.fspath(source), kind)
+    seeds = tuple(entry.seeds or ())
+    spec = RunSpec(run, entry.method, entry.dataset, entry.config, training, os.fspath(source), kind, seeds)
     method = spec.create_method()  # validates the method name and its config now, not inside a worker
     if training.augment.kind != "none" and not get_task(method.task).augment_policies:
         raise ConfigError(
