@@ -2,7 +2,7 @@
 
 python -m pipelines.code [--out results/code]
 
-For every entry point (``prepare``, ``train``, ``tune``) and, for the last two, every registered
+For every entry point (``prepare``, ``train``, ``tune``, ``compare``) and, for train and tune, every registered
 method, a manifest ``results/code/<entry>[-<method>].json`` lists the project files that the
 entry point imports (statically, function-level imports included, followed transitively) plus
 the method's module and its task family's, each with its SHA-256. A ``train``/``tune`` stage
@@ -31,7 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("components", "pipelines")
 CODE_ROOT = Path("results/code")
-ENTRY_POINTS = {"prepare": "pipelines.prepare", "train": "pipelines.train", "tune": "pipelines.tune"}
+ENTRY_POINTS = {
+    "prepare": "pipelines.prepare",
+    "train": "pipelines.train",
+    "tune": "pipelines.tune",
+    "compare": "pipelines.compare",
+}
 PER_METHOD = ("train", "tune")
 
 
@@ -136,7 +141,10 @@ def method_modules(name: str, root: Path = ROOT) -> list[str]:
 
 def dynamic_imports(entry: str, root: Path = ROOT) -> list[str]:
     """Modules an entry point imports by name at run time: ``prepare`` picks a dataset's
-    importer from ``components.data.importers.FORMATS``."""
+    importer from ``components.data.importers.FORMATS``; ``compare`` reads every task family's
+    primary metric."""
+    if entry == "compare":
+        return [f"components.tasks.{m}" for m in registry("components.tasks", "TASK_MODULES", root).values()]
     if entry != "prepare":
         return []
     folder = root / "components" / "data" / "importers"
@@ -155,7 +163,7 @@ def manifest_name(entry: str, method: str | None = None) -> str:
 
 
 def all_manifests(root: Path = ROOT) -> dict[str, dict]:
-    out = {manifest_name("prepare"): manifest("prepare", root=root)}
+    out = {manifest_name(e): manifest(e, root=root) for e in ENTRY_POINTS if e not in PER_METHOD}
     for method in sorted(registry("components.methods", "METHOD_MODULES", root)):
         for entry in PER_METHOD:
             out[manifest_name(entry, method)] = manifest(entry, method, root)

@@ -66,8 +66,17 @@ def test_editing_the_loop_changes_every_run_and_no_prepare(tree):
     with open(tree / "components" / "training" / "loop.py", "a") as f:
         f.write("\n# an edit\n")
     changed = _changed(before, all_manifests(tree))
-    assert "prepare.json" not in changed
-    assert changed == sorted(name for name in before if name != "prepare.json")
+    assert "prepare.json" not in changed and "compare.json" not in changed
+    assert changed == sorted(name for name in before if name not in ("prepare.json", "compare.json"))
+
+
+def test_the_report_s_code_re_runs_compare_only(tree):
+    before = all_manifests(tree)
+    with open(tree / "components" / "report" / "render.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert _changed(before, all_manifests(tree)) == ["compare.json"]
+    files = set(before["compare.json"]["files"])
+    assert {"pipelines/compare.py", "components/report/stats.py", "components/tasks/retrieval.py"} <= files
 
 
 def test_a_method_s_task_family_is_read_without_importing_it():
