@@ -50,6 +50,8 @@ def test_repro_end_to_end(tmp_path, params):
     _copy_project(project)
     tiny = shrink(params, epochs=1)
     tiny["runs"] = {name: tiny["runs"][name] for name in PIPELINE_RUNS}
+    for name in ("classifier", "smooth_ap"):  # seeds as the default job has them, two to stay quick
+        tiny["runs"][name]["seeds"] = [0, 1]
     (project / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -72,9 +74,27 @@ def test_repro_end_to_end(tmp_path, params):
     db = sqlite3.connect(project / "mlflow.db")
     finished = db.execute(
         "select r.name, r.status from runs r join tags t on r.run_uuid = t.run_uuid "
-        "where t.key = 'stage' and t.value in ('train', 'pretrain')"
+        "where t.key = 'run_kind' and t.value = 'group'"
     ).fetchall()
     assert sorted(finished) == sorted((name, "FINISHED") for name in [*runs, *pretrain])
+    seeds = {name: len(entry.get("seeds") or [0]) for name, entry in [*runs.items(), *pretrain.items()]}
+    children = db.execute(
+        "select t.value, count(*) from runs r join tags t on r.run_uuid = t.run_uuid join tags k "
+        "on k.run_uuid = r.run_uuid where t.key = 'run' and k.key = 'run_kind' and k.value = 'seed' "
+        "and r.status = 'FINISHED' group by t.value"
+    ).fetchall()
+    assert dict(children) == seeds
+    # the comparison: read from MLflow, written to reports/, logged as a compare run
+    summary = json.loads((project / "reports" / "summary.json").read_text())
+    assert summary["digits-classification"]["runs"]["classifier"]["n"] == 2
+    assert "smooth_ap" in summary["digits-retrieval"]["runs"]
+    assert (project / "reports" / "index.html").is_file()
+    assert (project / "reports" / "families" / "digits-retrieval.md").is_file()
+    (compare_status,) = db.execute(
+        "select r.status from runs r join tags t on r.run_uuid = t.run_uuid where t.key = 'run_kind' "
+        "and t.value = 'compare'"
+    ).fetchone()
+    assert compare_status == "FINISHED"
     searched = [name for name, run in runs.items() if run.get("search")]
     for name in searched:  # a parent run per search, a child per trial, and the run trained with its best
         best = yaml.safe_load((project / "results" / "tune" / name / "best.yaml").read_text())
@@ -102,12 +122,17 @@ def test_repro_end_to_end(tmp_path, params):
         entries = [*runs.values(), *pretrain.values()]
         expected = sum(get_task(get_method_class(r["method"]).task).name in families for r in entries)
         assert expected > 0, key
+        expected = sum(
+            seeds[n]
+            for n, r in [*runs.items(), *pretrain.items()]
+            if get_task(get_method_class(r["method"]).task).name in families
+        )
         steps = db.execute(
             "select count(*) from metrics m join tags t on m.run_uuid = t.run_uuid "
             "where m.key = ? and t.key = 'stage' and t.value in ('train', 'pretrain')",
             (key,),
         ).fetchone()[0]
-        assert steps == expected  # one epoch each
+        assert steps == expected  # one epoch each, of each seed
     aliases = db.execute("select name, alias from registered_model_aliases").fetchall()
     # Pretrained trunks and untrained baselines (epochs: 0) are not registered models.
     methods = {r["method"] for r in runs.values() if r.get("training", {}).get("epochs", 1) > 0}
