@@ -28,6 +28,7 @@ def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
     t["scaling"].update(num_workers=workers, use_gpu=False)
     t["scheduler"]["warmup_epochs"] = 0.0
     for run in [*p["runs"].values(), *(p.get("pretrain") or {}).values()]:
+        run.pop("seeds", None)  # one seed (training.seed); a test that trains several says so
         run["config"] = deep_merge(run.get("config", {}), TINY_MODELS[run["method"]])
         if "training" in run:  # runs with their own schedule are cut down the same way
             short = {"epochs": epochs if run["training"].get("epochs", 1) > 0 else 0, "eval_batch_size": 64}

@@ -119,8 +119,10 @@ def test_a_run_behind_a_stale_reservation_fails_in_bounded_time_naming_it(ray_se
     assert stale.id.hex()[:12] in text and "stale" in text and "{CPU: 2}" in text
     assert took < 120  # one bounded wait and a look at the cluster, not a wait without end
     client = mlflow.MlflowClient(platform.mlflow.tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("digits/classification").experiment_id])
-    assert run.info.status == "FAILED" and "ResourceWaitError" in run.data.tags["error"]
+    runs = client.search_runs([client.get_experiment_by_name("digits/classification").experiment_id])
+    assert sorted(r.data.tags["run_kind"] for r in runs) == ["group", "seed"]  # the entry's and its seed's
+    assert all(r.info.status == "FAILED" and "ResourceWaitError" in r.data.tags["error"] for r in runs)
+    (run,) = [r for r in runs if r.data.tags["run_kind"] == "seed"]
     assert stale.id.hex()[:12] in run.data.tags["error"]
     assert not (tmp_path / "results" / "metrics.json").exists()
 

@@ -69,11 +69,15 @@ def _mlflow(stack):
 
 
 def _runs(stack, experiment: str, run_name: str) -> list:
+    """The training runs of entry ``run_name`` (its seeds' runs; one seed here), or the runs of
+    that name (``tune-<run>``, a search's parent)."""
     client = _mlflow(stack)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    return client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    if run_name.startswith("tune-"):
+        return client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.run = '{run_name}' and tags.run_kind = 'seed'")
 
 
 # ----------------------------------------------------------------------------- the pipeline as a Ray job

@@ -114,7 +114,8 @@ def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_one_would
     with pytest.raises(Exception, match="fault drill"):
         _run(crashing, platform, tiny_dataset, tmp_path, "crash")
     failed = client.search_runs(
-        [client.get_run(reference.run_id).info.experiment_id], filter_string="attributes.status = 'FAILED'"
+        [client.get_run(reference.run_id).info.experiment_id],
+        filter_string="attributes.status = 'FAILED' and tags.run_kind = 'seed'",
     )
     assert len(failed) == 1 and _steps(client, failed[0].info.run_id) == [0, 1]
     assert "fault drill" in failed[0].data.tags["error"]
