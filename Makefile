@@ -27,6 +27,6 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/train_overhead.py
 
-# Compare the runs side by side: http://127.0.0.1:5000
+# Compare the runs side by side: http://127.0.0.1:5000 (it prints each experiment's runs view)
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/python -m pipelines.ui --backend-store-uri sqlite:///mlflow.db --port 5000

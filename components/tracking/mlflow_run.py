@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -85,6 +86,49 @@ def use_experiment(name: str):
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment
+
+
+# MLflow 3.17's UI opens every experiment on its GenAI overview unless the URL (or the browser's
+# toggle) says otherwise, and shows no metric column until one is picked. A shared view state,
+# an experiment tag the runs page reads for ``viewStateShareKey=<key>``, opens the runs table with
+# the columns that compare methods: the group runs' means and 95% intervals.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "seeds"
+AGGREGATE_STATS = ("mean", "ci_low", "ci_high", "n")
+
+
+def runs_view(primary_metrics: list[str]) -> dict[str, Any]:
+    """The runs table's state: the datasets column, then for each metric its group aggregates
+    (``test/<m>_mean``, ``_ci_low``, ``_ci_high``, ``_n``) and the best validation mean; sorted by
+    the first metric's mean, best first."""
+    columns = ["attributes.`Dataset`"]
+    for metric in primary_metrics:
+        columns += [f"metrics.`test/{metric}_{stat}`" for stat in AGGREGATE_STATS]
+        columns.append(f"metrics.`best/{metric}_mean`")
+    return {
+        "searchFilter": "",
+        "orderByKey": f"metrics.`test/{primary_metrics[0]}_mean`",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": columns,
+        "runsExpanded": {},
+    }
+
+
+def save_runs_view(client, experiment_id: str, primary_metrics: list[str]) -> None:
+    """Store :func:`runs_view` on the experiment (unchanged ones are not rewritten)."""
+    value = json.dumps(runs_view(primary_metrics), sort_keys=True)
+    if client.get_experiment(experiment_id).tags.get(VIEW_TAG_PREFIX + VIEW_KEY) != value:
+        client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, value)
+
+
+def runs_view_url(ui: str, experiment_id: str) -> str:
+    """Where the MLflow UI at ``ui`` opens an experiment on its runs, in the saved view."""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def registered_model_name(dataset: str, method: str) -> str:

@@ -127,6 +127,7 @@ def train(
     run = _prepare(spec, platform, data_root, pretrained_root)
     group_fp = spec.group_fingerprint(run.info.checksum, run.trunk_checksum)
     client, experiment_id = _tracking(platform, spec, run.method.task)
+    tracking.save_runs_view(client, experiment_id, [run.task.primary_metric])
     resume_id = tracking.find_resumable_run(client, experiment_id, group_fp, tag=tracking.GROUP_FINGERPRINT)
     with mlflow.start_run(run_id=resume_id, experiment_id=experiment_id, run_name=spec.name) as group:
         group_id = group.info.run_id
