@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from components.tracking import mlflow_run as tracking
@@ -73,3 +75,43 @@ def test_telemetry_off_by_default_and_switchable(monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # the user's own setting is kept
     tracking.apply_privacy_defaults(telemetry=True)
     assert tracking.os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_runs_view_shows_each_metric_s_aggregates_and_sorts_by_the_first(client):
+    view = tracking.runs_view(["mAP", "mAP_50"])
+    assert view["selectedColumns"][:6] == [
+        "attributes.`Dataset`",
+        "metrics.`test/mAP_mean`",
+        "metrics.`test/mAP_ci_low`",
+        "metrics.`test/mAP_ci_high`",
+        "metrics.`test/mAP_n`",
+        "metrics.`best/mAP_mean`",
+    ]
+    assert "metrics.`test/mAP_50_mean`" in view["selectedColumns"]
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`test/mAP_mean`", False)
+
+
+def test_saved_runs_view_is_written_once_and_replaced_when_it_changes(client):
+    exp = client.create_experiment("digits/detection")
+    key = tracking.VIEW_TAG_PREFIX + tracking.VIEW_KEY
+    tracking.save_runs_view(client, exp, ["mAP"])
+    first = client.get_experiment(exp).tags[key]
+    assert json.loads(first) == tracking.runs_view(["mAP"])
+    client.set_experiment_tag(exp, "marker", "1")
+    tracking.save_runs_view(client, exp, ["mAP"])  # unchanged: not rewritten
+    assert client.get_experiment(exp).tags[key] == first
+    tracking.save_runs_view(client, exp, ["top1"])
+    assert json.loads(client.get_experiment(exp).tags[key])["orderByKey"] == "metrics.`test/top1_mean`"
+
+
+def test_ui_links_open_each_tracked_experiment_on_its_runs_view(client, tmp_path):
+    from pipelines.ui import links
+
+    exp = client.create_experiment("digits/classification")
+    client.create_experiment("Default-ish")  # no saved view: not a training experiment of ours
+    tracking.save_runs_view(client, exp, ["top1"])
+    lines = links(f"sqlite:///{tmp_path}/mlflow.db", "http://127.0.0.1:5123")
+    assert len(lines) == 1 and "digits/classification" in lines[0]
+    assert lines[0].endswith(
+        f"http://127.0.0.1:5123/#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey=seeds"
+    )

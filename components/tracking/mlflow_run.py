@@ -74,12 +74,13 @@ def experiment_name(dataset: str, task: str) -> str:
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"  # the UI opens such an experiment on its training runs
+EXPERIMENT_KIND = "custom_model_development"  # MLflow's kind for model training
 
 
 def use_experiment(name: str):
-    """``mlflow.set_experiment(name)``, marked as model training (MLflow's UI would otherwise
-    open an experiment on a GenAI traces overview)."""
+    """``mlflow.set_experiment(name)``, its kind recorded as model training. The kind is for
+    readers of the store; the 3.17 UI does not read it to pick a landing page (it takes that
+    from the address, ``workflowType``, or the browser's last toggle: :func:`runs_view_url`)."""
     import mlflow
 
     experiment = mlflow.set_experiment(name)
