@@ -21,7 +21,8 @@ def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
 
     p = copy.deepcopy(params)
     digits = p["datasets"]["digits"]
-    digits.update(max_per_class=6, crop_size=16)
+    # fixed sizes, not the default job's budget: two renderings per training digit
+    digits.update(max_per_class=6, crop_size=16, crops_per_digit={"train": 2, "val": 1, "test": 1})
     digits["scenes"].update(canvases={"train": 8, "val": 4, "test": 4})
     t = p["training"]
     t.update(epochs=epochs, batch_size=16, eval_batch_size=64)
