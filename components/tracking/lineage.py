@@ -10,6 +10,7 @@ the folder or ``s3://`` URI an importer read.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -103,9 +104,16 @@ def _module_level_imports(path: Path, module: str) -> set[str]:
     return {n for n in names if n and n.split(".")[0] != "__future__"}
 
 
+@functools.cache
+def _providers() -> dict[str, list[str]]:
+    """Top-level module -> installed distributions: read once per process (a few seconds: it
+    walks every installed distribution's file list), not once per seed's model."""
+    return importlib.metadata.packages_distributions()
+
+
 def _distributions(top_level: set[str]) -> list[str]:
     """Installed distributions providing these top-level modules (the standard library has none)."""
-    providers = importlib.metadata.packages_distributions()
+    providers = _providers()
     out = set()
     for name in top_level:
         for dist in providers.get(name, []):
