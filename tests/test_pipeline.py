@@ -17,7 +17,7 @@ from components.methods import get_method_class
 from components.tasks import get_task
 from tests.conftest import ROOT, shrink
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cpu_hog")]  # beside a busy core
+pytestmark = pytest.mark.slow
 # The real params' runs that go through the pipeline here: every task family, a pretrained trunk
 # before the run that starts from it (detr), an untrained baseline row (epochs: 0), and methods
 # whose Ray Train path no other test tracks end to end. Every registered method also has its own
@@ -48,7 +48,7 @@ def test_repro_end_to_end(tmp_path, params):
     project = tmp_path / "project"
     project.mkdir()
     _copy_project(project)
-    tiny = shrink(params, epochs=1)
+    tiny = shrink(params, epochs=1, workers=1)  # one worker per run, as the default job trains
     tiny["runs"] = {name: tiny["runs"][name] for name in PIPELINE_RUNS}
     for name in ("classifier", "smooth_ap"):  # seeds as the default job has them, two to stay quick
         tiny["runs"][name]["seeds"] = [0, 1]

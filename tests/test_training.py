@@ -302,7 +302,7 @@ def test_seeds_train_under_a_group_run_that_carries_their_aggregates(
 
     from components.report.stats import interval
 
-    spec = _spec(tiny_params, epochs=1)
+    spec = _spec(tiny_params, epochs=1, **{"scaling.num_workers": 1})  # seeds, not DDP, are the point here
     spec = dataclasses.replace(spec, seeds=(3, 4))
     out = _run(spec, platform, tiny_dataset, tmp_path, "seeds")
     client = _client(platform)
