@@ -59,10 +59,29 @@ def run_span(db: Path) -> float:
     return (last - first) / 1000
 
 
+def handovers(db: Path) -> dict:
+    """Per trained run (an MLflow run with epochs): seconds from its start to its first epoch's
+    start (Ray, the workers, the model and data), and from its last epoch's end to its end (test
+    scoring, the ledger, files, logging the model)."""
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "select r.run_uuid, r.start_time, r.end_time, min(m.timestamp - 1000 * m.value), max(m.timestamp) "
+        "from runs r join metrics m on r.run_uuid = m.run_uuid where m.key = 'time/epoch_s' "
+        "and r.status = 'FINISHED' group by r.run_uuid"
+    ).fetchall()
+    before = [(first - start) / 1000 for _, start, _, first, _ in rows]
+    after = [(end - last) / 1000 for _, _, end, _, last in rows]
+    if not rows:
+        return {"runs": 0}
+    return {"runs": len(rows), "before_first_epoch_s": stats(before), "after_last_epoch_s": stats(after),
+            "before_sum_s": sum(before), "after_sum_s": sum(after)}  # fmt: skip
+
+
 def training_figures(db: Path, wall: float) -> dict:
     intervals = epoch_intervals(db)
     union = union_length(intervals)
     return {
+        "handovers": handovers(db),
         "wall_s": wall,
         "epochs": len(intervals),
         "epoch_union_s": union,
@@ -141,6 +160,14 @@ def main() -> None:
         f"wall {figures['wall_s']:.0f} s; {figures['epochs']} epochs; union of epochs {figures['epoch_union_s']:.0f} s "
         f"(sum {figures['epoch_sum_s']:.0f} s); training share {figures['training_share']:.3f}"
     )
+    h = figures["handovers"]
+    if h["runs"]:
+        b, a = h["before_first_epoch_s"], h["after_last_epoch_s"]
+        print(
+            f"{h['runs']} trained runs: before the first epoch median {b['median']:.1f} s "
+            f"(sum {h['before_sum_s']:.0f} s), "
+            f"after the last epoch median {a['median']:.1f} s (sum {h['after_sum_s']:.0f} s)"
+        )
     if "noop" in figures:
         n = figures["noop"]
         print(

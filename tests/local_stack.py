@@ -104,12 +104,13 @@ class LocalStack:
         return found
 
     def train_workers(self) -> list:
-        """The live Ray Train worker processes of this cluster (children of its raylets)."""
+        """The live training processes of this cluster (children of its raylets): Ray Train's
+        workers, and the actors that one-worker runs train in (components/training/actor_run.py)."""
         workers = []
         for raylet in self.raylets():
             for child in raylet.children():
                 try:
-                    if "RayTrainWorker" in " ".join(child.cmdline()):
+                    if any(name in " ".join(child.cmdline()) for name in ("RayTrainWorker", "RunActor")):
                         workers.append(child)
                 except Exception:  # exited meanwhile
                     continue

@@ -27,6 +27,7 @@ from components.tasks import get_task
 from components.tracking import figures, lineage
 from components.tracking import mlflow_run as tracking
 from components.training import ledger, preflight
+from components.training.actor_run import fit_in_actor
 from components.training.evaluation import evaluate, split_loader
 from components.training.hooks import (
     BEST_MODEL_FILE,
@@ -529,7 +530,8 @@ def fit(
     trunk_state: dict[str, torch.Tensor] | None = None,
     score_test: bool = False,
 ):
-    """Run the generic loop on a Ray Train worker group; rank 0 logs to ``mlflow_payload``'s run;
+    """Run the generic loop on a Ray Train worker group (a one-worker run: in one actor,
+    :func:`in_actor`); rank 0 logs to ``mlflow_payload``'s run;
     ``trunk_state`` initialises the model's trunk on every worker; ``score_test``: the workers
     also score the best weights on the test split after the last epoch."""
     init_ray(platform.ray)
@@ -541,12 +543,20 @@ def fit(
         "trunk_state": trunk_state,
         "score_test": score_test,
     }
-    trainer = lambda: torch_trainer(train_loop_per_worker, payload, spec.training, ray_name, storage)  # noqa: E731
     nodes = alive_nodes()
     try:
+        if in_actor(spec.training.scaling):
+            return fit_in_actor(payload, spec.training, ray_name, storage, spec.name)
+        trainer = lambda: torch_trainer(train_loop_per_worker, payload, spec.training, ray_name, storage)  # noqa: E731
         return fit_within_wait(trainer, spec.training, spec.name)
     finally:
         report_lost_nodes(nodes, spec.name)
+
+
+def in_actor(scaling) -> bool:
+    """Whether a run trains in one actor (:mod:`components.training.actor_run`) rather than on a
+    Ray Train worker group: one worker, unless ``one_worker_in_actor`` is off."""
+    return scaling.num_workers == 1 and scaling.one_worker_in_actor
 
 
 def _log_and_register(run: _Run, client, model, best_val: float) -> tuple[str, bool]:

@@ -192,16 +192,25 @@ def fit_within_wait(make_trainer: Callable[[], Any], training, label: str, *, lo
                 continue
             if not isinstance(cause, WorkerGroupStartupTimeoutError):
                 raise
-            view = cluster_view()
-            if not queued_behind_live_work(ask, view) and any(not h.live for h in view.holders):
-                time.sleep(STALE_RECHECK_S)  # a group between its placement and its workers' start
-                view = view.merged(cluster_view())
-            if queued_behind_live_work(ask, view):
-                busy = ", ".join(sorted({h.owner for h in view.holders if h.live})) or "other work"
-                log(f"{label}: still queued for {_fmt(_sum(ask))} after {time.monotonic() - first:.0f} s, "
-                    f"behind {busy}; waiting again", flush=True)  # fmt: skip
-                continue
-            raise ResourceWaitError(describe(ask, view, wait_s, label)) from exc
+            try:
+                judge_wait(ask, wait_s, label, first, log=log)
+            except ResourceWaitError as err:
+                raise err from exc
+
+
+def judge_wait(ask: list[dict[str, float]], wait_s: float, label: str, first: float, *, log=print) -> None:
+    """After one wait of ``wait_s`` for ``ask`` ran out: return (saying so) if the request is
+    queued behind live work, else raise :class:`ResourceWaitError` saying what holds the cluster."""
+    view = cluster_view()
+    if not queued_behind_live_work(ask, view) and any(not h.live for h in view.holders):
+        time.sleep(STALE_RECHECK_S)  # a group between its placement and its workers' start
+        view = view.merged(cluster_view())
+    if queued_behind_live_work(ask, view):
+        busy = ", ".join(sorted({h.owner for h in view.holders if h.live})) or "other work"
+        log(f"{label}: still queued for {_fmt(_sum(ask))} after {time.monotonic() - first:.0f} s, "
+            f"behind {busy}; waiting again", flush=True)  # fmt: skip
+        return
+    raise ResourceWaitError(describe(ask, view, wait_s, label))
 
 
 def alive_nodes() -> dict[str, str]:

@@ -45,6 +45,10 @@ class ScalingParams:
     # stale reservation, a request larger than the cluster) before the run fails with what holds
     # them; behind other runs it stays queued. Raise it where the cluster autoscales.
     resource_wait_s: float = 600.0
+    # A one-worker run trains in one Ray actor holding the worker's resources (checkpoints,
+    # retries and the bounded wait kept) instead of a Ray Train worker group, whose controller,
+    # workers and process group cost seconds to start; false: a worker group for it too.
+    one_worker_in_actor: bool = True
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -169,6 +173,7 @@ class RunSpec:
         for key in ("failure", "checkpoints_to_keep", "loader_workers", "figures_every"):
             resolved["training"].pop(key)
         resolved["training"]["scaling"].pop("resource_wait_s")
+        resolved["training"]["scaling"].pop("one_worker_in_actor")
         resolved["data_checksum"] = data_checksum
         if init_checksum is not None:  # a retrained pretrained trunk makes a new run
             resolved["init_checksum"] = init_checksum

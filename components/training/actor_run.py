@@ -1,0 +1,214 @@
+"""A one-worker run in one Ray actor: the loop without a Ray Train worker group.
+
+With one worker there is nothing to distribute, yet Ray Train starts a controller actor, a
+worker group, a torch process group and then the training function, each a hand-over of
+seconds (about 10 s of a run on an idle 2-core machine, several times that under load). A
+one-worker run (``training.scaling.one_worker_in_actor``, on by default) instead trains in a
+single Ray actor that holds the worker's resources, so Ray still places it on the cluster and
+queues it when the cluster is full, and keeps what Ray Train gave it:
+
+- checkpoints: rank 0's checkpoint of every epoch is written to the run's folder in the Ray
+  storage (a local folder or ``s3://``), the newest ``checkpoints_to_keep`` kept
+  (:class:`CheckpointStore`); the same run name again resumes from the newest one;
+- retries: an attempt that fails (an error in the loop, the actor's process or node lost) is
+  started again in a new actor from the last checkpoint, up to ``training.failure.max_failures``
+  times (``-1``: without limit), as ``FailureConfig(max_failures)`` does;
+- a bounded wait: the actor's reservation (a one-bundle placement group) waits at most
+  ``training.scaling.resource_wait_s`` at a time, judged as a worker group's
+  (:func:`components.training.resources.judge_wait`).
+
+The loop, its hooks and their results are the same: with one worker Ray Train does not wrap the
+model in DDP and the samplers are given the rank and world size explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from components.storage.cluster import RayStorage
+from components.training.sessions import Session
+
+COMPLETE = ".complete"  # written last into a persisted checkpoint: its files are all there
+PREFIX = "checkpoint_"
+
+
+class CheckpointStore:
+    """Numbered checkpoints of one run under ``<storage>/<name>/``: ``checkpoint_000003`` holds
+    the fourth checkpoint reported, and counts once its ``.complete`` marker is there (an
+    attempt that died while writing leaves a folder without it, which is never read)."""
+
+    def __init__(self, storage: RayStorage, name: str, keep: int | None) -> None:
+        self.storage, self.name, self.keep = storage, name, keep
+        self._fs = None
+        self._root: str | None = None
+
+    def _where(self):
+        if self._fs is None:
+            from pyarrow import fs
+
+            explicit = self.storage.filesystem()
+            if explicit is not None:
+                self._fs, self._root = explicit, self.storage.ray_path(self.name)
+            else:
+                self._fs, base = fs.FileSystem.from_uri(self.storage.uri.rstrip("/"))
+                self._root = f"{base.rstrip('/')}/{self.name}"
+        return self._fs, self._root
+
+    def _complete(self) -> list[tuple[int, str]]:
+        from pyarrow import fs
+
+        filesystem, root = self._where()
+        found = []
+        for entry in filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)):
+            name = entry.base_name
+            numbered = entry.type == fs.FileType.Directory and name.startswith(PREFIX) and name[len(PREFIX) :].isdigit()
+            if numbered and filesystem.get_file_info(f"{entry.path}/{COMPLETE}").type == fs.FileType.File:
+                found.append((int(name[len(PREFIX) :]), entry.path))
+        return sorted(found)
+
+    def latest(self):
+        """The newest complete checkpoint as a ``ray.train.Checkpoint``, or ``None``."""
+        import ray.train
+
+        found = self._complete()
+        if not found:
+            return None
+        filesystem, _ = self._where()
+        return ray.train.Checkpoint(found[-1][1], filesystem=filesystem)
+
+    def persist(self, directory: str) -> None:
+        """Copy a local checkpoint folder in as the next checkpoint, then drop the oldest."""
+        from pyarrow import fs
+
+        filesystem, root = self._where()
+        found = self._complete()
+        index = found[-1][0] + 1 if found else 0
+        dest = f"{root}/{PREFIX}{index:06d}"
+        filesystem.create_dir(dest, recursive=True)
+        fs.copy_files(directory, dest, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
+        with filesystem.open_output_stream(f"{dest}/{COMPLETE}") as out:
+            out.write(b"")
+        if self.keep:
+            for _, old in found[: max(0, len(found) + 1 - self.keep)]:
+                filesystem.delete_dir(old)
+
+
+class ActorSession(Session):
+    """The trainer's runtime inside the run's actor: rank 0 of one, checkpoints through the store."""
+
+    def __init__(self, store: CheckpointStore, use_gpu: bool) -> None:
+        import torch
+
+        self.store = store
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(self.device)
+        self.restored = store.latest()
+
+    def get_checkpoint(self) -> Any | None:
+        return self.restored
+
+    def report(self, metrics: dict[str, float], checkpoint: Any | None = None) -> None:
+        if checkpoint is not None:
+            self.store.persist(checkpoint.path)
+
+
+class RunActor:
+    """The process a one-worker run trains in (made a Ray actor by :func:`fit_in_actor`)."""
+
+    def ready(self) -> bool:
+        return True
+
+    def train(self, payload: dict[str, Any], store: CheckpointStore) -> None:
+        from components.training.loop import build_trainer
+
+        use_gpu = bool(payload["spec"]["training"]["scaling"]["use_gpu"])
+        build_trainer(payload, ActorSession(store, use_gpu)).train()
+
+
+@dataclass
+class ActorResult:
+    """What the driver reads of a finished run, as of a Ray Train ``Result``."""
+
+    checkpoint: Any
+    attempts: int
+
+
+def fit_in_actor(payload: dict[str, Any], training, name: str, storage: RayStorage, label: str,
+                 *, log=print) -> ActorResult:  # fmt: skip
+    """Train ``payload``'s run in one actor with ``training.scaling``'s per-worker resources,
+    retried from its last checkpoint on failure; the newest checkpoint is the result."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    store = CheckpointStore(storage, name, training.checkpoints_to_keep)
+    limit = training.failure.max_failures
+    failures = 0
+    while True:
+        group, actor = _start(training, label, log)
+        try:
+            ray.get(actor.train.remote(payload, store))
+            break
+        except (RayActorError, RayTaskError) as exc:
+            failures += 1
+            if limit != -1 and failures > limit:
+                cause = exc.as_instanceof_cause() if isinstance(exc, RayTaskError) else exc
+                raise cause from None  # the loop's own error, as Ray Train raises it
+            log(f"{label}: attempt {failures} failed ({type(exc).__name__}: {_first_line(exc)}); "
+                f"starting again from the last checkpoint", flush=True)  # fmt: skip
+        finally:
+            _stop(group, actor)
+    checkpoint = store.latest()
+    if checkpoint is None:
+        raise RuntimeError(f"{label}: the run finished without a checkpoint in {storage.ray_path(name)}")
+    return ActorResult(checkpoint, failures + 1)
+
+
+def _start(training, label: str, log):
+    """The run's reservation, placed within the bounded wait, and its actor in it."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from components.training.ray_trainer import worker_resources
+    from components.training.resources import judge_wait
+
+    bundle = dict(worker_resources(training))
+    accelerator = training.scaling.accelerator_type
+    if accelerator:
+        bundle[f"accelerator_type:{accelerator}"] = 0.001
+    group = placement_group([bundle])
+    first = time.monotonic()
+    try:
+        while not ray.wait([group.ready()], timeout=training.scaling.resource_wait_s)[0]:
+            judge_wait([bundle], training.scaling.resource_wait_s, label, first, log=log)
+        actor_cls = ray.remote(RunActor)
+        actor = actor_cls.options(
+            num_cpus=bundle.get("CPU", 0),
+            num_gpus=bundle.get("GPU", 0),
+            resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+            max_restarts=0,
+        ).remote()
+    except BaseException:
+        remove_placement_group(group)
+        raise
+    return group, actor
+
+
+def _stop(group, actor) -> None:
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    with contextlib.suppress(Exception):  # already dead with its node
+        ray.kill(actor, no_restart=True)
+    with contextlib.suppress(Exception):
+        remove_placement_group(group)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:300] if text else ""
