@@ -155,3 +155,29 @@ def cpu_hog():
     finally:
         hog.kill()
         hog.wait()
+
+
+# Set for the whole process by mlflow.set_tracking_uri / set_registry_uri / set_experiment.
+MLFLOW_PROCESS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_process_state_restored(monkeypatch):
+    """``train()`` sets MLflow's tracking and registry URIs and its active experiment for the whole
+    process, and MLflow exports them to the environment too (for subprocesses), where they outrank
+    what a later test gives in params. Each test leaves them as it found them, so no test depends
+    on which ran before it."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    before = {k: os.environ.get(k) for k in MLFLOW_PROCESS_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
