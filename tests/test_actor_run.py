@@ -179,3 +179,43 @@ def test_an_actor_run_that_fails_resumes_from_its_checkpoint_in_a_new_actor(
     while ray.available_resources().get("CPU") != 2.0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU") == 2.0
+
+
+@pytest.mark.slow
+def test_an_entrys_seeds_share_one_actor_and_compute_what_each_computes_alone(
+    ray_session, tiny_dataset, tiny_params, tmp_path, monkeypatch
+):
+    """Seeds 3 and 4 of one entry train one after another in the actor asked for before tracking
+    started; seed 4 in that used actor ends exactly as seed 4 trained alone in a fresh one, and
+    the entry's reservation is released when it is done."""
+    import dataclasses
+    import time
+
+    import ray
+
+    from components.training import actor_run
+    from components.training.driver import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    platform = _platform(tiny_params, tmp_path)
+    created = []
+    real_create = actor_run._create
+    monkeypatch.setattr(actor_run, "_create", lambda bundle: created.append(bundle) or real_create(bundle))
+    spec = _one_worker(tiny_params, True)
+    both = train(
+        dataclasses.replace(spec, seeds=(3, 4)), platform, tiny_dataset, tmp_path / "b" / "m", tmp_path / "b" / "r"
+    )
+    assert len(created) == 1  # one actor for the entry's two seeds
+    alone = train(
+        dataclasses.replace(spec, seeds=(4,)), platform, tiny_dataset, tmp_path / "a" / "m", tmp_path / "a" / "r"
+    )
+    assert len(created) == 2
+    for a, b in zip(both.seeds[1].history, alone.seeds[0].history, strict=True):
+        for key in ("train/loss", "val/top1", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (key, a["epoch"])
+    assert both.seeds[0].history[-1]["train/loss"] != both.seeds[1].history[-1]["train/loss"]
+    assert not actor_run._warm
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU") != 2.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == 2.0

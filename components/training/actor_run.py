@@ -19,11 +19,17 @@ queues it when the cluster is full, and keeps what Ray Train gave it:
 
 The loop, its hooks and their results are the same: with one worker Ray Train does not wrap the
 model in DDP and the samplers are given the rank and world size explicitly.
+
+The driver asks for the actor as soon as its checks pass (:func:`prestart`), so the actor's
+process starts and imports the loop while the driver sets up tracking; an entry's seeds train
+one after another in the same actor (``keep_warm``), each from its own seeded state, and the
+driver lets the actor go when the entry is done (:func:`release_warm`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -119,8 +125,8 @@ class ActorSession(Session):
 class RunActor:
     """The process a one-worker run trains in (made a Ray actor by :func:`fit_in_actor`)."""
 
-    def ready(self) -> bool:
-        return True
+    def __init__(self) -> None:
+        import components.training.loop  # noqa: F401  (imported while the driver sets up, not after)
 
     def train(self, payload: dict[str, Any], store: CheckpointStore) -> None:
         from components.training.loop import build_trainer
@@ -137,10 +143,41 @@ class ActorResult:
     attempts: int
 
 
+_warm: dict[str, tuple[Any, Any]] = {}  # this process's actor (and its reservation) for its next run
+
+
+def _bundle(training) -> dict[str, float]:
+    from components.training.ray_trainer import worker_resources
+
+    bundle = dict(worker_resources(training))
+    if training.scaling.accelerator_type:
+        bundle[f"accelerator_type:{training.scaling.accelerator_type}"] = 0.001
+    return bundle
+
+
+def _key(bundle: dict[str, float]) -> str:
+    return json.dumps(bundle, sort_keys=True)
+
+
+def prestart(training) -> None:
+    """Ask Ray for a run's reservation and actor now, without waiting for either: the next
+    :func:`fit_in_actor` with the same resources takes them."""
+    bundle = _bundle(training)
+    if _key(bundle) not in _warm:
+        _warm[_key(bundle)] = _create(bundle)
+
+
+def release_warm() -> None:
+    """Let go of the actor kept for a next run (an entry's last seed is done)."""
+    while _warm:
+        _stop(*_warm.popitem()[1])
+
+
 def fit_in_actor(payload: dict[str, Any], training, name: str, storage: RayStorage, label: str,
-                 *, log=print) -> ActorResult:  # fmt: skip
+                 *, keep_warm: bool = False, log=print) -> ActorResult:  # fmt: skip
     """Train ``payload``'s run in one actor with ``training.scaling``'s per-worker resources,
-    retried from its last checkpoint on failure; the newest checkpoint is the result."""
+    retried from its last checkpoint on failure; the newest checkpoint is the result.
+    ``keep_warm``: the actor stays for this process's next run (an entry's next seed)."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -148,9 +185,12 @@ def fit_in_actor(payload: dict[str, Any], training, name: str, storage: RayStora
     limit = training.failure.max_failures
     failures = 0
     while True:
-        group, actor = _start(training, label, log)
+        bundle = _bundle(training)
+        group, actor = _placed(bundle, training.scaling.resource_wait_s, label, log)
+        finished = False
         try:
             ray.get(actor.train.remote(payload, store))
+            finished = True
             break
         except (RayActorError, RayTaskError) as exc:
             failures += 1
@@ -160,41 +200,51 @@ def fit_in_actor(payload: dict[str, Any], training, name: str, storage: RayStora
             log(f"{label}: attempt {failures} failed ({type(exc).__name__}: {_first_line(exc)}); "
                 f"starting again from the last checkpoint", flush=True)  # fmt: skip
         finally:
-            _stop(group, actor)
+            if finished and keep_warm:
+                _warm[_key(bundle)] = (group, actor)
+            else:
+                _stop(group, actor)
     checkpoint = store.latest()
     if checkpoint is None:
         raise RuntimeError(f"{label}: the run finished without a checkpoint in {storage.ray_path(name)}")
     return ActorResult(checkpoint, failures + 1)
 
 
-def _start(training, label: str, log):
-    """The run's reservation, placed within the bounded wait, and its actor in it."""
+def _create(bundle: dict[str, float]):
+    """A one-bundle reservation and an actor scheduled into it; neither is waited for."""
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from components.training.ray_trainer import worker_resources
-    from components.training.resources import judge_wait
-
-    bundle = dict(worker_resources(training))
-    accelerator = training.scaling.accelerator_type
-    if accelerator:
-        bundle[f"accelerator_type:{accelerator}"] = 0.001
     group = placement_group([bundle])
-    first = time.monotonic()
-    try:
-        while not ray.wait([group.ready()], timeout=training.scaling.resource_wait_s)[0]:
-            judge_wait([bundle], training.scaling.resource_wait_s, label, first, log=log)
-        actor_cls = ray.remote(RunActor)
-        actor = actor_cls.options(
+    actor = (
+        ray.remote(RunActor)
+        .options(
             num_cpus=bundle.get("CPU", 0),
             num_gpus=bundle.get("GPU", 0),
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")} or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
             max_restarts=0,
-        ).remote()
+        )
+        .remote()
+    )
+    return group, actor
+
+
+def _placed(bundle: dict[str, float], wait_s: float, label: str, log):
+    """The kept actor for these resources, or a new one, once its reservation is placed within
+    the bounded wait (:func:`components.training.resources.judge_wait`)."""
+    import ray
+
+    from components.training.resources import judge_wait
+
+    group, actor = _warm.pop(_key(bundle), None) or _create(bundle)
+    first = time.monotonic()
+    try:
+        while not ray.wait([group.ready()], timeout=wait_s)[0]:
+            judge_wait([bundle], wait_s, label, first, log=log)
     except BaseException:
-        remove_placement_group(group)
+        _stop(group, actor)
         raise
     return group, actor
 

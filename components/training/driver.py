@@ -26,7 +26,7 @@ from components.models.pretrained import PRETRAINED_ROOT, load_trunk
 from components.tasks import get_task
 from components.tracking import figures, lineage
 from components.tracking import mlflow_run as tracking
-from components.training import ledger, preflight
+from components.training import actor_run, ledger, preflight
 from components.training.actor_run import fit_in_actor
 from components.training.evaluation import evaluate, split_loader
 from components.training.hooks import (
@@ -122,23 +122,35 @@ def train(
     A run whose backbone names a ``pretrain`` entry starts from the trunk saved under
     ``pretrained_root``; pretrain entries themselves are not registered as models. ``tags`` are
     added to the runs' lineage tags (e.g. the search that chose its hyperparameters)."""
-    import mlflow
-
     tracking.apply_privacy_defaults(platform.mlflow.telemetry)
     run = _prepare(spec, platform, data_root, pretrained_root)
+    if spec.training.epochs > 0 and in_actor(spec.training.scaling):
+        init_ray(platform.ray)
+        actor_run.prestart(spec.training)  # its process starts and imports while MLflow is set up
+    try:
+        return _train_group(run, tags or {}, Path(model_dir), Path(results_dir))
+    finally:
+        actor_run.release_warm()
+
+
+def _train_group(run: _Run, tags: dict[str, str], model_dir: Path, results_dir: Path) -> RunOutcome:
+    import mlflow
+
+    spec, platform = run.spec, run.platform
     group_fp = spec.group_fingerprint(run.info.checksum, run.trunk_checksum)
     client, experiment_id = _tracking(platform, spec, run.method.task)
     tracking.save_runs_view(client, experiment_id, [run.task.primary_metric])
     resume_id = tracking.find_resumable_run(client, experiment_id, group_fp, tag=tracking.GROUP_FINGERPRINT)
     with mlflow.start_run(run_id=resume_id, experiment_id=experiment_id, run_name=spec.name) as group:
         group_id = group.info.run_id
-        _describe_group(run, client, group_id, group_fp, tags or {}, new=resume_id is None)
+        _describe_group(run, client, group_id, group_fp, tags, new=resume_id is None)
         try:
+            last = len(spec.seed_list) - 1
             seeds = [
-                _train_seed(run, seed, client, experiment_id, group_id, tags or {}, Path(model_dir), Path(results_dir))
-                for seed in spec.seed_list
+                _train_seed(run, seed, client, experiment_id, group_id, tags, model_dir, results_dir, i < last)
+                for i, seed in enumerate(spec.seed_list)
             ]
-            return _finish_group(run, client, group_id, seeds, Path(model_dir), Path(results_dir))
+            return _finish_group(run, client, group_id, seeds, model_dir, results_dir)
         except BaseException as exc:  # also SystemExit from SIGTERM (`ray job stop`, a pod's eviction)
             # The run ends FAILED (start_run's context); say why where the run is looked at.
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -147,10 +159,11 @@ def train(
 
 def _train_seed(
     run: _Run, seed: int, client, experiment_id: str, group_id: str, tags: dict[str, str], model_dir: Path,
-    results_dir: Path,
+    results_dir: Path, more: bool = False,
 ) -> SeedOutcome:  # fmt: skip
     """One seed's child run: read back if it finished in this group before, else trained
-    (resumed from its checkpoint if it was cut short)."""
+    (resumed from its checkpoint if it was cut short); ``more``: seeds follow (a one-worker
+    run's actor is kept for them)."""
     import mlflow
 
     spec = run.spec.for_seed(seed)
@@ -169,7 +182,7 @@ def _train_seed(
         child_tags = {**tags, tracking.RUN_KIND: "seed", "seed": str(seed), "mlflow.parentRunId": group_id}
         _describe(seeded, client, active.info.run_id, fingerprint, child_tags, new=resume_id is None)
         try:
-            done = _train_and_finish(seeded, client, active.info.run_id, weights.parent, seed_dir)
+            done = _train_and_finish(seeded, client, active.info.run_id, weights.parent, seed_dir, more)
             mlflow.log_artifact(str(weights), Path(SEED_WEIGHTS).parent.as_posix())
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -301,7 +314,9 @@ def _describe(run: _Run, client, run_id: str, fingerprint: str, tags: dict[str, 
             mlflow.log_artifact(str(Path(info.root) / card), "dataset")
 
 
-def _train_and_finish(run: _Run, client, run_id: str, model_dir: Path, results_dir: Path) -> dict[str, Any]:
+def _train_and_finish(
+    run: _Run, client, run_id: str, model_dir: Path, results_dir: Path, keep_warm: bool = False
+) -> dict[str, Any]:
     spec = run.spec
     if spec.training.epochs == 0 and not spec.training.scaling.use_gpu:
         # A CPU baseline of the initial weights: nothing to distribute, scored right here.
@@ -309,7 +324,8 @@ def _train_and_finish(run: _Run, client, run_id: str, model_dir: Path, results_d
         return _finish(run, client, best_state, history, totals, model_dir, results_dir)
     payload = {"tracking_uri": tracking.resolve_tracking_uri(run.platform.mlflow), "run_id": run_id}
     payload["registry_uri"] = run.platform.mlflow.registry_uri
-    result = fit(spec, run.platform, run.info, f"{spec.name}-{run_id[:12]}", payload, run.trunk_state, score_test=True)
+    name = f"{spec.name}-{run_id[:12]}"
+    result = fit(spec, run.platform, run.info, name, payload, run.trunk_state, score_test=True, keep_warm=keep_warm)
     with result.checkpoint.as_directory() as ckpt_dir:
         folder = Path(ckpt_dir)
         best_state = torch.load(folder / BEST_MODEL_FILE, map_location="cpu", weights_only=True)
@@ -529,11 +545,13 @@ def fit(
     mlflow_payload: dict | None = None,
     trunk_state: dict[str, torch.Tensor] | None = None,
     score_test: bool = False,
+    keep_warm: bool = False,
 ):
     """Run the generic loop on a Ray Train worker group (a one-worker run: in one actor,
     :func:`in_actor`); rank 0 logs to ``mlflow_payload``'s run;
     ``trunk_state`` initialises the model's trunk on every worker; ``score_test``: the workers
-    also score the best weights on the test split after the last epoch."""
+    also score the best weights on the test split after the last epoch; ``keep_warm``: a one-worker
+    run's actor stays for this process's next run."""
     init_ray(platform.ray)
     storage = storage_for(platform.storage)
     payload = {
@@ -546,7 +564,7 @@ def fit(
     nodes = alive_nodes()
     try:
         if in_actor(spec.training.scaling):
-            return fit_in_actor(payload, spec.training, ray_name, storage, spec.name)
+            return fit_in_actor(payload, spec.training, ray_name, storage, spec.name, keep_warm=keep_warm)
         trainer = lambda: torch_trainer(train_loop_per_worker, payload, spec.training, ray_name, storage)  # noqa: E731
         return fit_within_wait(trainer, spec.training, spec.name)
     finally:
