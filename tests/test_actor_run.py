@@ -49,6 +49,8 @@ def test_a_checkpoint_cut_off_while_written_is_never_read(tmp_path):
     torn.mkdir()
     (torn / "state.json").write_text("{")
     assert _read(store.latest()) == "e0"
+    # a retried attempt lists the folder anew and still skips it
+    assert _read(CheckpointStore(ray_storage(str(tmp_path / "results")), "run-b", keep=None).latest()) == "e0"
     store.persist(str(_checkpoint(tmp_path, "e1")))  # the next one is written over it, completely
     assert (torn / COMPLETE).is_file() and _read(store.latest()) == "e1"
 

@@ -62,6 +62,17 @@ class RayStorage:
             raise ValueError(f"{self.endpoint_url!r}: an S3 endpoint must be http(s)://host[:port]")
         return fs.S3FileSystem(endpoint_override=url.netloc, scheme=url.scheme)
 
+    def arrow_location(self, *parts: str):
+        """A pyarrow filesystem and the path in it of ``parts`` under this storage: the explicit
+        S3-compatible one (:meth:`filesystem`), else the one the URI names (a local folder, S3)."""
+        explicit = self.filesystem()
+        if explicit is not None:
+            return explicit, self.ray_path(*parts)
+        from pyarrow import fs
+
+        filesystem, base = fs.FileSystem.from_uri(self.uri.rstrip("/"))
+        return filesystem, "/".join([base.rstrip("/"), *parts])
+
 
 def ray_storage(path: str, endpoint_url: str | None = None) -> RayStorage:
     """The storage for ``path`` (a folder, made absolute, or a URI); the endpoint applies to S3 only."""

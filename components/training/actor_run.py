@@ -44,36 +44,32 @@ PREFIX = "checkpoint_"
 class CheckpointStore:
     """Numbered checkpoints of one run under ``<storage>/<name>/``: ``checkpoint_000003`` holds
     the fourth checkpoint reported, and counts once its ``.complete`` marker is there (an
-    attempt that died while writing leaves a folder without it, which is never read)."""
+    attempt that died while writing leaves a folder without it, which is never read).
+
+    The folder is listed once per store object; the actor's copy is the run's only writer while
+    an attempt lasts, so it keeps that list up to date as it writes instead of listing the
+    folder again (on S3, requests) every epoch."""
 
     def __init__(self, storage: RayStorage, name: str, keep: int | None) -> None:
         self.storage, self.name, self.keep = storage, name, keep
-        self._fs = None
-        self._root: str | None = None
+        self._found: list[tuple[int, str]] | None = None  # complete checkpoints, oldest first
 
-    def _where(self):
-        if self._fs is None:
-            from pyarrow import fs
-
-            explicit = self.storage.filesystem()
-            if explicit is not None:
-                self._fs, self._root = explicit, self.storage.ray_path(self.name)
-            else:
-                self._fs, base = fs.FileSystem.from_uri(self.storage.uri.rstrip("/"))
-                self._root = f"{base.rstrip('/')}/{self.name}"
-        return self._fs, self._root
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_found": None}  # each process lists the folder itself
 
     def _complete(self) -> list[tuple[int, str]]:
         from pyarrow import fs
 
-        filesystem, root = self._where()
-        found = []
-        for entry in filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)):
-            name = entry.base_name
-            numbered = entry.type == fs.FileType.Directory and name.startswith(PREFIX) and name[len(PREFIX) :].isdigit()
-            if numbered and filesystem.get_file_info(f"{entry.path}/{COMPLETE}").type == fs.FileType.File:
-                found.append((int(name[len(PREFIX) :]), entry.path))
-        return sorted(found)
+        if self._found is None:
+            filesystem, root = self.storage.arrow_location(self.name)
+            found = []
+            for entry in filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)):
+                name, number = entry.base_name, entry.base_name[len(PREFIX) :]
+                numbered = entry.type == fs.FileType.Directory and name.startswith(PREFIX) and number.isdigit()
+                if numbered and filesystem.get_file_info(f"{entry.path}/{COMPLETE}").type == fs.FileType.File:
+                    found.append((int(number), entry.path))
+            self._found = sorted(found)
+        return self._found
 
     def latest(self):
         """The newest complete checkpoint as a ``ray.train.Checkpoint``, or ``None``."""
@@ -82,14 +78,14 @@ class CheckpointStore:
         found = self._complete()
         if not found:
             return None
-        filesystem, _ = self._where()
+        filesystem, _ = self.storage.arrow_location(self.name)
         return ray.train.Checkpoint(found[-1][1], filesystem=filesystem)
 
     def persist(self, directory: str) -> None:
         """Copy a local checkpoint folder in as the next checkpoint, then drop the oldest."""
         from pyarrow import fs
 
-        filesystem, root = self._where()
+        filesystem, root = self.storage.arrow_location(self.name)
         found = self._complete()
         index = found[-1][0] + 1 if found else 0
         dest = f"{root}/{PREFIX}{index:06d}"
@@ -97,9 +93,9 @@ class CheckpointStore:
         fs.copy_files(directory, dest, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
         with filesystem.open_output_stream(f"{dest}/{COMPLETE}") as out:
             out.write(b"")
-        if self.keep:
-            for _, old in found[: max(0, len(found) + 1 - self.keep)]:
-                filesystem.delete_dir(old)
+        found.append((index, dest))
+        while self.keep and len(found) > self.keep:
+            filesystem.delete_dir(found.pop(0)[1])
 
 
 class ActorSession(Session):
@@ -140,10 +136,9 @@ class ActorResult:
     """What the driver reads of a finished run, as of a Ray Train ``Result``."""
 
     checkpoint: Any
-    attempts: int
 
 
-_warm: dict[str, tuple[Any, Any]] = {}  # this process's actor (and its reservation) for its next run
+_warm: tuple[str, Any, Any] | None = None  # this process's actor kept for its next run: key, reservation, actor
 
 
 def _bundle(training) -> dict[str, float]:
@@ -162,15 +157,19 @@ def _key(bundle: dict[str, float]) -> str:
 def prestart(training) -> None:
     """Ask Ray for a run's reservation and actor now, without waiting for either: the next
     :func:`fit_in_actor` with the same resources takes them."""
+    global _warm
     bundle = _bundle(training)
-    if _key(bundle) not in _warm:
-        _warm[_key(bundle)] = _create(bundle)
+    if _warm is None or _warm[0] != _key(bundle):
+        release_warm()
+        _warm = (_key(bundle), *_create(bundle))
 
 
 def release_warm() -> None:
     """Let go of the actor kept for a next run (an entry's last seed is done)."""
-    while _warm:
-        _stop(*_warm.popitem()[1])
+    global _warm
+    if _warm is not None:
+        _stop(*_warm[1:])
+        _warm = None
 
 
 def fit_in_actor(payload: dict[str, Any], training, name: str, storage: RayStorage, label: str,
@@ -181,11 +180,12 @@ def fit_in_actor(payload: dict[str, Any], training, name: str, storage: RayStora
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
+    global _warm
     store = CheckpointStore(storage, name, training.checkpoints_to_keep)
+    bundle = _bundle(training)
     limit = training.failure.max_failures
     failures = 0
     while True:
-        bundle = _bundle(training)
         group, actor = _placed(bundle, training.scaling.resource_wait_s, label, log)
         finished = False
         try:
@@ -197,17 +197,17 @@ def fit_in_actor(payload: dict[str, Any], training, name: str, storage: RayStora
             if limit != -1 and failures > limit:
                 cause = exc.as_instanceof_cause() if isinstance(exc, RayTaskError) else exc
                 raise cause from None  # the loop's own error, as Ray Train raises it
-            log(f"{label}: attempt {failures} failed ({type(exc).__name__}: {_first_line(exc)}); "
+            log(f"{label}: attempt {failures} failed ({type(exc).__name__}: {_last_line(exc)}); "
                 f"starting again from the last checkpoint", flush=True)  # fmt: skip
         finally:
             if finished and keep_warm:
-                _warm[_key(bundle)] = (group, actor)
+                _warm = (_key(bundle), group, actor)
             else:
                 _stop(group, actor)
     checkpoint = store.latest()
     if checkpoint is None:
         raise RuntimeError(f"{label}: the run finished without a checkpoint in {storage.ray_path(name)}")
-    return ActorResult(checkpoint, failures + 1)
+    return ActorResult(checkpoint)
 
 
 def _create(bundle: dict[str, float]):
@@ -238,7 +238,13 @@ def _placed(bundle: dict[str, float], wait_s: float, label: str, log):
 
     from components.training.resources import judge_wait
 
-    group, actor = _warm.pop(_key(bundle), None) or _create(bundle)
+    global _warm
+    if _warm is not None and _warm[0] == _key(bundle):
+        group, actor = _warm[1:]
+        _warm = None
+    else:
+        release_warm()  # asked for other resources: not this run's
+        group, actor = _create(bundle)
     first = time.monotonic()
     try:
         while not ray.wait([group.ready()], timeout=wait_s)[0]:
@@ -259,6 +265,7 @@ def _stop(group, actor) -> None:
         remove_placement_group(group)
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
+    """The exception's own message: the last line of a remote error's text (its traceback first)."""
     text = str(exc).strip().splitlines()
     return text[-1][:300] if text else ""
