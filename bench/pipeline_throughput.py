@@ -62,17 +62,18 @@ def run_span(db: Path) -> float:
 def handovers(db: Path) -> dict:
     """Per trained run (an MLflow run with epochs): seconds from its start to its first epoch's
     start (Ray, the workers, the model and data), and from its last epoch's end to its end (test
-    scoring, the ledger, files, logging the model)."""
+    scoring, the ledger, files). The best seed's run is reopened when its entry registers the
+    model, so its "after" also holds the entry's finish: read the median, not the sum."""
     con = sqlite3.connect(db)
     rows = con.execute(
         "select r.run_uuid, r.start_time, r.end_time, min(m.timestamp - 1000 * m.value), max(m.timestamp) "
         "from runs r join metrics m on r.run_uuid = m.run_uuid where m.key = 'time/epoch_s' "
         "and r.status = 'FINISHED' group by r.run_uuid"
     ).fetchall()
-    before = [(first - start) / 1000 for _, start, _, first, _ in rows]
-    after = [(end - last) / 1000 for _, _, end, _, last in rows]
     if not rows:
         return {"runs": 0}
+    before = [(first - start) / 1000 for _, start, _, first, _ in rows]
+    after = [(end - last) / 1000 for _, _, end, _, last in rows]
     return {"runs": len(rows), "before_first_epoch_s": stats(before), "after_last_epoch_s": stats(after),
             "before_sum_s": sum(before), "after_sum_s": sum(after)}  # fmt: skip
 

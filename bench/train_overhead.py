@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.pipeline_throughput import stats  # noqa: E402
 from components.config import load_yaml  # noqa: E402
 from components.data import digits  # noqa: E402
 from components.data.canonical import read_info  # noqa: E402
@@ -89,10 +90,6 @@ def ray_path(spec, platform, data_root: Path) -> dict:
             "overhead_s": wall - epochs_s}  # fmt: skip
 
 
-def _stats(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
@@ -137,8 +134,8 @@ def main() -> None:
         median_wall = statistics.median(r["wall_s"] for r in results)
         report[variant] = {
             "runs": results,
-            "wall_s": _stats([r["wall_s"] for r in results]),
-            "overhead_s": _stats([r["overhead_s"] for r in results]),
+            "wall_s": stats([r["wall_s"] for r in results]),
+            "overhead_s": stats([r["overhead_s"] for r in results]),
             "steady_state_ratio_over_plain": statistics.median(r["train_images_per_s"] for r in results)
             / plain["train_images_per_s"],
             "end_to_end_ratio_over_plain": plain["wall_s"] / median_wall,
