@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
     tracking.apply_privacy_defaults(platform.mlflow.telemetry)
-    uri = tracking.resolve_tracking_uri(platform.mlflow)
-    mlflow.set_tracking_uri(uri)
+    uri = tracking.use_tracking(platform.mlflow)
     client = mlflow.MlflowClient(uri)
     try:
         entries = collect(client, groups, lambda task: _task_info(task)[0])

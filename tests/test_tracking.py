@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
 from components.tracking import mlflow_run as tracking
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -115,3 +124,130 @@ def test_ui_links_open_each_tracked_experiment_on_its_runs_view(client, tmp_path
     assert lines[0].endswith(
         f"http://127.0.0.1:5123/#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey=seeds"
     )
+
+
+# A stage's process: MLflow imported, then (once every stage is ready) the store opened at once.
+_STAGE = """
+import sys, time
+from pathlib import Path
+import mlflow.store.model_registry.sqlalchemy_store, mlflow.store.tracking.sqlalchemy_store
+from mlflow import MlflowClient
+from components.tracking import mlflow_run as tracking
+
+folder, uri, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+(folder / f"ready-{name}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.005)
+tracking.ready_store(uri)
+client = MlflowClient(uri)
+client.create_experiment(name)
+client.create_registered_model(name)
+"""
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """A child's environment: this checkout importable; lock files in the test's own temp folder."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as con:
+        return {row[0] for row in con.execute("select name from sqlite_master where type = 'table'")}
+
+
+def test_stages_opening_a_fresh_sqlite_store_together_all_get_it(tmp_path):
+    """Without the lock, all but one of these fail in MLflow's migrations (``table ... already exists``)."""
+    uri, names = f"sqlite:///{tmp_path}/mlflow.db", [f"stage-{i}" for i in range(4)]
+    stages = [
+        subprocess.Popen(
+            [sys.executable, "-c", _STAGE, str(tmp_path), uri, name],
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in names
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready-*"))) < len(names) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in stages), [p.communicate()[0][-2000:] for p in stages]
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outputs = [p.communicate(timeout=60)[0] for p in stages]
+    finally:
+        for p in stages:
+            p.kill()
+    assert [p.returncode for p in stages] == [0] * len(names), [out[-2000:] for out in outputs]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    assert {e.name for e in client.search_experiments()} >= set(names)
+    assert {m.name for m in client.search_registered_models()} == set(names)
+
+
+_WAITER = """
+import sys
+from components.tracking import mlflow_run as tracking
+
+print("opening the store", flush=True)
+tracking.ready_store(sys.argv[1])
+"""
+
+
+def test_a_store_whose_lock_is_held_waits_and_touches_nothing(tmp_path, monkeypatch):
+    import fcntl
+
+    env = _env(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", env["TMPDIR"])  # the child's temp folder, so its lock file
+    db = tmp_path / "mlflow.db"
+    with open(tracking.store_lock_path(db), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _WAITER, f"sqlite:///{db}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout.readline() == "opening the store\n", child.communicate()[1][-2000:]
+            time.sleep(3)
+            assert child.poll() is None and not db.exists()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err[-2000:]
+    assert {"alembic_version", "experiments", "registered_models"} <= _tables(db)
+
+
+def test_a_store_that_is_not_sqlite_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    uris = ["http://127.0.0.1:5000", "postgresql://mlflow@db/mlflow", f"file://{tmp_path}/mlruns", "sqlite://"]
+    for uri in uris:
+        tracking.ready_store(uri)
+    assert list(tmp_path.iterdir()) == []  # no lock file, no store
+    assert not tracking._READY_STORES & set(uris)
+
+
+def test_use_tracking_points_mlflow_at_ready_stores(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # MLflow exports the URIs it is set to
+        monkeypatch.setenv(var, "")
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    registry = f"sqlite:///{tmp_path.resolve()}/registry.db"
+    uri = tracking.use_tracking(tracking.MlflowParams(tracking_uri="sqlite:///mlflow.db", registry_uri=registry))
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db" == mlflow.get_tracking_uri()
+    assert mlflow.get_registry_uri() == registry
+    for db in ("mlflow.db", "registry.db"):
+        assert {"alembic_version", "experiments", "registered_models"} <= _tables(tmp_path / db)
+    assert {uri, registry} <= tracking._READY_STORES

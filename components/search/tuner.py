@@ -124,8 +124,7 @@ def run_search(
         )
 
     tracking.apply_privacy_defaults(platform.mlflow.telemetry)
-    uri = tracking.resolve_tracking_uri(platform.mlflow)
-    mlflow.set_tracking_uri(uri)
+    uri = tracking.use_tracking(platform.mlflow)
     client = mlflow.MlflowClient()
     experiment = tracking.use_experiment(tracking.experiment_name(spec.dataset, method.task))
     resume_id = tracking.find_resumable_run(client, experiment.experiment_id, fingerprint, tag=FINGERPRINT_TAG)

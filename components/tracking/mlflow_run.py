@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,59 @@ def resolve_tracking_uri(cfg: MlflowParams, base_dir: str | Path = ".") -> str:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + str((Path(base_dir) / uri[len(prefix) :]).resolve())
+    return uri
+
+
+SQLITE_PREFIX = "sqlite:///"
+_READY_STORES: set[str] = set()  # URIs whose tables this process has made sure of
+
+
+def store_lock_path(db_path: str | Path) -> Path:
+    """The lock file that serialises creating the tables of the SQLite database at ``db_path``:
+    one per database, in the temp folder (the database's own folder may be shared or synced).
+    It is left in place: removing a lock file another process may be about to take is a race."""
+    digest = hashlib.sha256(str(Path(db_path).resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"cvflow-mlflow-{digest}.lock"
+
+
+def ready_store(uri: str) -> None:
+    """Create the tables of a ``sqlite:///`` store, one process at a time. MLflow's tracking and
+    registry stores migrate a new database without a lock, so stages that start together on a
+    fresh ``mlflow.db`` fail (``table _alembic_tmp_experiments already exists``). The stores are
+    MLflow's own, cached per URI, so the client that follows reuses them. Other stores (a server,
+    a database server) handle their own schema and are left alone; once per URI and process."""
+    path = uri[len(SQLITE_PREFIX) :].split("?", 1)[0] if uri.startswith(SQLITE_PREFIX) else ""
+    if uri in _READY_STORES or path in ("", ":memory:"):
+        return
+    import fcntl
+
+    # MLflow's store modules take ~1 s to import: before the lock, not while others wait on it
+    import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with open(store_lock_path(path), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            tracking_utils._get_store(uri)
+            registry_utils._get_store(uri, uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY_STORES.add(uri)
+
+
+def use_tracking(cfg: MlflowParams) -> str:
+    """Point MLflow at the configured tracking store (and registry, if one is set), its tables
+    made sure of first (:func:`ready_store`); the tracking URI."""
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg)
+    ready_store(uri)
+    mlflow.set_tracking_uri(uri)
+    if cfg.registry_uri:
+        ready_store(cfg.registry_uri)
+        mlflow.set_registry_uri(cfg.registry_uri)
     return uri
 
 

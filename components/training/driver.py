@@ -276,9 +276,7 @@ def _check_resources(spec: RunSpec, platform: Platform) -> None:
 def _tracking(platform: Platform, spec: RunSpec, task: str):
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(platform.mlflow))
-    if platform.mlflow.registry_uri:
-        mlflow.set_registry_uri(platform.mlflow.registry_uri)
+    tracking.use_tracking(platform.mlflow)
     experiment = tracking.use_experiment(tracking.experiment_name(spec.dataset, task))
     return mlflow.MlflowClient(), experiment.experiment_id
 
