@@ -12,6 +12,7 @@ MLflow as a ``compare`` run in the experiment ``compare``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -24,9 +25,13 @@ COMPARE_EXPERIMENT = "compare"
 REPORT_FILES = ("index.html", "families", "summary.json")
 
 
-def group_runs(params: dict, source: str, results: Path) -> dict[str, str]:
-    """Entry name -> group run id, from each run's metrics.json; a missing one names the file."""
-    groups = {}
+def group_runs(params: dict, source: str, results: Path) -> tuple[dict[str, str], dict[str, tuple[str, bool]]]:
+    """Entry name -> group run id, and task family -> (primary metric, higher_is_better), from each
+    run's metrics.json; a missing file or field names it. A file written before metrics.json stated
+    the family's metric gives no family entry (:func:`_task_info` looks it up instead)."""
+    groups: dict[str, str] = {}
+    tasks: dict[str, tuple[str, bool]] = {}
+    stated_in: dict[str, Path] = {}
     for name in section(params, "runs", source):
         path = results / name / "metrics.json"
         try:
@@ -38,10 +43,34 @@ def group_runs(params: dict, source: str, results: Path) -> dict[str, str]:
         if "mlflow_group_run_id" not in summary:
             raise ConfigError(str(path), "mlflow_group_run_id", f"missing: re-run train@{name}")
         groups[name] = summary["mlflow_group_run_id"]
-    return groups
+        info = _stated_task_info(summary, path, name)
+        if info is None:
+            continue
+        task = summary["task"]
+        if task in tasks and tasks[task] != info:
+            where = f"{task}: {info} here, {tasks[task]} in {stated_in[task]}"
+            raise ConfigError(str(path), "primary_metric", f"{where}; re-run the stale one")
+        tasks[task], stated_in[task] = info, path
+    return groups, tasks
 
 
-def _task_info(task: str) -> tuple[str, bool]:
+def _stated_task_info(summary: dict, path: Path, name: str) -> tuple[str, bool] | None:
+    """The family's (primary metric, higher_is_better) as one metrics.json states them; None where
+    it states neither (written before it did)."""
+    keys = ("task", "primary_metric", "higher_is_better")
+    if not any(k in summary for k in keys[1:]):
+        return None
+    for key, kind in zip(keys, (str, str, bool), strict=True):
+        if not isinstance(summary.get(key), kind):
+            raise ConfigError(str(path), key, f"missing or not a {kind.__name__}: re-run train@{name}")
+    return summary["primary_metric"], summary["higher_is_better"]
+
+
+def _task_info(task: str, stated: dict[str, tuple[str, bool]]) -> tuple[str, bool]:
+    """(primary metric, higher_is_better) of a task family: as its runs' metrics.json state them
+    (``stated``), else from its definition, which imports torch and torchvision (seconds)."""
+    if task in stated:
+        return stated[task]
     from components.tasks import get_task
 
     family = get_task(task)
@@ -65,19 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_yaml(args.params)
         platform = load_platform(params, args.params)
-        groups = group_runs(params, args.params, args.results)
+        groups, stated = group_runs(params, args.params, args.results)
     except ConfigError as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
     tracking.apply_privacy_defaults(platform.mlflow.telemetry)
     uri = tracking.use_tracking(platform.mlflow)
     client = mlflow.MlflowClient(uri)
+    task_info = functools.partial(_task_info, stated=stated)
     try:
-        entries = collect(client, groups, lambda task: _task_info(task)[0])
+        entries = collect(client, groups, lambda task: task_info(task)[0])
     except ReportError as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2
-    families = build_families(entries, _task_info)
+    families = build_families(entries, task_info)
     commit = tracking.git_commit(".")
     meta = {
         "git commit": commit,
