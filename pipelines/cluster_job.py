@@ -95,6 +95,14 @@ def run(command: list[str], cwd: Path = Path(".")) -> int:
     remote = ((load_yaml(cwd / "params.yaml").get("storage") or {}).get("dvc_remote") or {}).get("url")
     if remote:
         subprocess.run([sys.executable, "-m", "pipelines.dvc_remote"], cwd=cwd, check=True)
+    from components.config import ConfigError
+    from pipelines.stages import refresh
+
+    try:  # dvc.runs.yaml from the job's params, also for a plain `-- dvc repro`
+        refresh(cwd)
+    except ConfigError as exc:
+        print(f"cluster_job: error: {exc}", file=sys.stderr)
+        return 2
     done = subprocess.run(command, cwd=cwd)
     if done.returncode != 0:
         return done.returncode

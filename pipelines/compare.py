@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from components.config import ConfigError, load_yaml, section
+from pipelines.stages import check_fresh
 
 COMPARE_EXPERIMENT = "compare"
 REPORT_FILES = ("index.html", "families", "summary.json")
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_yaml(args.params)
+        check_fresh(params, args.params)
         platform = load_platform(params, args.params)
         groups, stated = group_runs(params, args.params, args.results)
     except ConfigError as exc:

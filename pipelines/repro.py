@@ -120,7 +120,7 @@ def make_plan(root: Path, targets: list[str] | None = None) -> Plan:
             upstream = {
                 names[s]: {names[d] for d in nx.descendants(graph, s) if d in to_run and d in names} for s in to_run
             }
-            paths = {"dvc.yaml", "dvc.lock"}
+            paths = {"dvc.yaml", "dvc.lock", "dvc.runs.yaml"}
             for s in repo.index.stages:
                 paths.update(os.path.relpath(d.fs_path, root) for d in s.deps if d.protocol == "local")
                 paths.update(os.path.relpath(o.fs_path, root) for o in s.outs if o.protocol == "local")
@@ -376,6 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stages and unchanged_since_last_check(root):
         print("repro: everything is up to date (no file changed since the last check)")
         return 0
+    from components.config import ConfigError
+    from pipelines.stages import refresh
+
+    try:  # each run's inputs in dvc.runs.yaml, before DVC reads dvc.yaml
+        if refresh(root, str(args.params)):
+            print("repro: params changed the runs' inputs; wrote dvc.runs.yaml", flush=True)
+    except ConfigError as exc:
+        print(f"repro: error: {exc}", file=sys.stderr)
+        return 2
     plan = make_plan(root, args.stages or None)
     if not plan.order:
         if not args.stages:
@@ -383,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         print("repro: everything is up to date")
         return 0
     forget_fingerprint(root)
-    from components.config import ConfigError
     from components.training.platform import ray_address
 
     try:

@@ -21,6 +21,7 @@ from components.search.config import best_file, load_search
 from components.tracking.mlflow_run import exit_on_sigterm
 from components.training.driver import load_platform, train
 from components.training.spec import load_run_spec
+from pipelines.stages import check_fresh
 
 
 def tuned_overrides(path: Path, run: str) -> dict:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_yaml(args.params)
+        check_fresh(params, args.params)
         kind, name = ("pretrain", args.pretrain) if args.pretrain else ("runs", args.run)
         overrides, tags, best_path = None, {}, args.tuned or best_file(name)
         if kind == "runs" and load_search(params, name, args.params) is not None:

@@ -3,8 +3,8 @@
 python -m pipelines.tune --run classifier [--params params.yaml]
 
 Writes ``results/tune/<run>/best.yaml`` (the overrides ``train@<run>`` trains with),
-``summary.json``, ``trials.csv`` and figures. A run without ``search`` in params gets a
-``best.yaml`` saying so (train@<run> then uses its params as they are).
+``summary.json``, ``trials.csv`` and figures. Only a run with a ``search`` in params has a
+``tune@<run>`` stage (``dvc.runs.yaml``); for any other run this says so and writes nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from components.config import ConfigError, load_yaml
 from components.search.config import TUNE_ROOT, load_search
+from pipelines.stages import check_fresh
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,18 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or TUNE_ROOT / args.run
     try:
         params = load_yaml(args.params)
+        check_fresh(params, args.params)
         if args.run not in (params.get("runs") or {}):
             raise ConfigError(args.params, f"runs.{args.run}", "no such run")
         search = load_search(params, args.run, args.params)
     except ConfigError as exc:
         print(f"tune: error: {exc}", file=sys.stderr)
         return 2
-    if search is None:  # nothing to search: say so without starting anything
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.iterdir():
-            stale.unlink()
-        note = {"run": args.run, "algorithm": None, "overrides": {}}
-        (out / "best.yaml").write_text(yaml.safe_dump(note, sort_keys=False))
+    if search is None:  # dvc.yaml has no tune stage for such a run; train@<run> uses its params
+        print(f"tune {args.run}: no `search` in runs.{args.run}; nothing to search, nothing written")
         return 0
 
     from components.data.canonical import DatasetError

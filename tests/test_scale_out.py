@@ -99,8 +99,6 @@ def test_pipeline_as_ray_job_tracks_to_the_server_and_stores_in_s3(stack, tmp_pa
     tiny["pretrain"] = {}
     tiny["storage"]["dvc_remote"]["url"] = f"s3://{BUCKET}/dvc"
     (project / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
-    (project / "pretrained").mkdir()  # a dependency of every stage; no pretrain entry creates it here
-    (project / "pretrained" / ".keep").touch()
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=project, check=True)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
