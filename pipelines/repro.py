@@ -97,7 +97,6 @@ class Plan:
     paths: list[str]  # every file the pipeline reads or writes, for the fingerprint
     changed: set[str] = field(default_factory=set)
     commands: dict[str, str] = field(default_factory=dict)  # stage -> its command
-    workers: dict[str, int] = field(default_factory=dict)  # training stage -> its Ray workers (default 1)
 
 
 def make_plan(root: Path, targets: list[str] | None = None) -> Plan:
@@ -240,15 +239,12 @@ class Runner:
 
     def _ready(self) -> list[str]:
         """Stages whose upstream is done: training first (it holds the cluster's CPUs or GPUs and
-        takes longest, so the light stages run beside it), runs on more workers before runs on
-        fewer, then in dvc.yaml's order. A run on several workers needs them free at once; last in
-        line, each one would wait for the whole cluster to drain while nothing else is left to
-        fill it, while runs on one worker fill any freed place."""
+        takes longest, so the light stages run beside it), then in dvc.yaml's order."""
         busy = {r.name for r in self.running}
         finished = set(self.done) | set(self.failed) | self.skipped
         ready = [s for s in self.plan.order if s not in busy and s not in finished
                  and self.plan.upstream[s] <= set(self.done)]  # fmt: skip
-        return sorted(ready, key=lambda s: (not self.is_training(s), -self.plan.workers.get(s, 1)))
+        return sorted(ready, key=lambda s: not self.is_training(s))
 
     def is_training(self, name: str) -> bool:
         return TRAIN_COMMAND in self.plan.commands.get(name, "")
@@ -329,30 +325,6 @@ def ray_params(params_file: Path):
     from components.training.platform import load_platform
 
     return load_platform(load_yaml(str(params_file)), str(params_file)).ray
-
-
-def stage_workers(stages: list[str], params_file: Path) -> dict[str, int]:
-    """``train@<r>`` / ``pretrain@<r>`` -> the entry's ``training.scaling.num_workers`` (its own,
-    else the default). Only an ordering hint: a value it cannot read is left out; the stage itself
-    validates its params."""
-    from components.config import load_yaml
-
-    params = load_yaml(str(params_file))
-
-    def num_workers(training) -> int | None:
-        scaling = (training or {}).get("scaling") if isinstance(training, dict) else None
-        value = scaling.get("num_workers") if isinstance(scaling, dict) else None
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    default = num_workers(params.get("training")) or 1
-    sections = {"train": params.get("runs") or {}, "pretrain": params.get("pretrain") or {}}
-    out = {}
-    for stage in stages:
-        kind, _, name = stage.partition("@")
-        entry = sections.get(kind, {}).get(name) if isinstance(sections.get(kind), dict) else None
-        if isinstance(entry, dict):
-            out[stage] = num_workers(entry.get("training")) or default
-    return out
 
 
 def stage_environment(root: Path, cfg) -> tuple[dict[str, str], bool]:
@@ -436,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
         env, ray_state["local"] = stage_environment(root, cfg)
         return env
 
-    plan.workers = stage_workers(plan.order, args.params)
     train_jobs = args.train_jobs
     if train_jobs is None:  # a cluster fits several runs at once; the local Ray one per CPU (and one waiting)
         train_jobs = args.jobs if ray_address(cfg) else min(args.jobs, (cfg.num_cpus or os.cpu_count() or 1) + 1)

@@ -241,13 +241,6 @@ def test_runner_schedules_by_the_graph_and_at_most_jobs_at_once(monkeypatch):
     plan.upstream.update(e=set(), c2=set())
     plan.commands.update(e="true", c2="python -m pipelines.train --run c2")
     assert runner._ready()[0] == "c2"
-    # Among training stages, runs on more workers first: each needs them free at once.
-    plan.order += ["w2"]
-    plan.upstream.update(w2=set())
-    plan.commands.update(w2="python -m pipelines.train --run w2")
-    plan.workers.update(c2=1, w2=2)
-    assert runner._ready()[:3] == ["w2", "c2", "e"]
-    plan.order.remove("w2")
     # At most train_jobs training stages at once: the others wait, lighter ones go on.
     runner.jobs, runner.train_jobs = 3, 1
     plan.order += ["c3"]
@@ -257,13 +250,3 @@ def test_runner_schedules_by_the_graph_and_at_most_jobs_at_once(monkeypatch):
         r.code = 0
     runner.step()
     assert started[-2:] == ["c2", "e"]
-
-
-def test_stage_workers_reads_each_entry_s_workers_over_the_default(tmp_path):
-    from pipelines.repro import stage_workers
-
-    got = stage_workers(["code", "train@contrastive", "train@fcos", "pretrain@digits_trunk_s8"], ROOT / "params.yaml")
-    assert got == {"train@contrastive": 2, "train@fcos": 1, "pretrain@digits_trunk_s8": 1}
-    params = {"training": {"scaling": {"num_workers": 3}}, "runs": {"a": {}, "b": {"training": {"scaling": "x"}}}}
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
-    assert stage_workers(["train@a", "train@b", "train@gone"], tmp_path / "p.yaml") == {"train@a": 3, "train@b": 3}
