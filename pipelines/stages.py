@@ -35,8 +35,8 @@ HEADER = (
 )
 
 
-def _text(params: dict, source: str, key: str, field: str) -> str:
-    value = params["runs"][key].get(field) if isinstance(params["runs"][key], dict) else None
+def _text(entry, source: str, key: str, field: str) -> str:
+    value = entry.get(field) if isinstance(entry, dict) else None
     if not isinstance(value, str) or not value:
         raise ConfigError(source, f"runs.{key}.{field}", f"expected a name, got {value!r}")
     return value
@@ -51,8 +51,8 @@ def stage_inputs(params: dict, source: str = "params.yaml") -> dict:
     pretrain = params.get("pretrain") or {}
     run_inputs, searches = {}, {}
     for key, entry in runs.items():
-        dataset = _text(params, source, key, "dataset")
-        method = _text(params, source, key, "method")
+        dataset = _text(entry, source, key, "dataset")
+        method = _text(entry, source, key, "method")
         if dataset not in datasets:
             known = ", ".join(datasets) or "none"
             raise ConfigError(source, f"runs.{key}.dataset", f"no dataset {dataset!r} (datasets: {known})")
