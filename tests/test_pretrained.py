@@ -44,6 +44,27 @@ def test_trunk_classifier_trains_every_parameter(tiny_dataset):
     assert set(method.trunk(model).state_dict()) == trunk_keys
 
 
+def test_trunk_classifier_sees_its_images_at_input_size(tiny_dataset):
+    """``input_size`` resizes the crops before the trunk: a stride-8 trunk's map is input_size / 8."""
+    info = read_info(tiny_dataset)
+    method = create_method("classifier", {"backbone": TRUNK, "input_size": 64}, source="test", key="c")
+    model = method.build(info)
+    seen = []
+    model.body.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
+    logits = model(torch.rand(2, info.in_channels, 16, 16))
+    assert seen == [(8, 8)] and logits.shape == (2, info.num_classes)
+    plain = create_method("classifier", {"backbone": TRUNK}, source="test", key="c").build(info)
+    plain.body.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
+    plain(torch.rand(2, info.in_channels, 16, 16))
+    assert seen[-1] == (2, 2)
+
+
+def test_input_size_without_a_trunk_is_refused(tiny_dataset):
+    method = create_method("classifier", {"input_size": 64}, source="test", key="c")
+    with pytest.raises(ValueError, match="input_size"):
+        method.build(read_info(tiny_dataset))
+
+
 @pytest.mark.parametrize("name", ["detr", "retinanet"])
 def test_detector_trunk_loads_the_pretrained_weights_and_only_those(name, tiny_dataset, tmp_path):
     info = read_info(tiny_dataset)

@@ -26,12 +26,16 @@ def test_the_committed_file_is_what_params_give():
 
 def test_only_a_run_that_starts_from_a_trunk_depends_on_one(params):
     inputs = stage_inputs(params)["run_inputs"]
+    named = {
+        name: (run.get("config") or {}).get("backbone", {}).get("pretrained") for name, run in params["runs"].items()
+    }
     with_trunk = {name: item["trunk"] for name, item in inputs.items() if item["trunk"].startswith("pretrained/")}
-    assert with_trunk == {"detr": "pretrained/digits_trunk_s8"}
+    assert with_trunk == {name: f"pretrained/{trunk}" for name, trunk in named.items() if trunk}
+    assert with_trunk["detr"] == "pretrained/digits_trunk_s8" and with_trunk["fcos"] == "pretrained/digits_trunk_fpn"
     for name, item in inputs.items():
         assert item["dataset"] == params["runs"][name]["dataset"]
         assert item["method"] == params["runs"][name]["method"]
-        if name != "detr":
+        if not named[name]:
             assert item["trunk"] == f"data/prepared/{item['dataset']}"
 
 
@@ -136,7 +140,8 @@ def test_in_dvc_s_graph_only_detr_waits_for_its_trunk(tmp_path, params, monkeypa
     waiting = {name for name, up in plan.upstream.items() if "pretrain@digits_trunk_s8" in up}
     assert waiting == {"train@detr", "compare"}
     assert not any(name.startswith("tune@") for name in plan.order)  # no search, no tune stage
-    assert plan.upstream["train@fcos"] == {"code", "prepare@digits"}
+    assert plan.upstream["train@fcos"] == {"code", "prepare@digits", "pretrain@digits_trunk_fpn"}
+    assert plan.upstream["train@unet"] == {"code", "prepare@digits"}
 
 
 def test_a_search_adds_its_tune_stage_before_its_run_only(tmp_path, params, monkeypatch):

@@ -32,6 +32,9 @@ class ClassifierConfig:
     label_smoothing: float = 0.0
     # A detection trunk instead of the CIFAR-style ResNet above (widths/blocks/norm then unused).
     backbone: BackboneConfig | None = None
+    # Images resized (bilinear) to this side before the network; null: as they come. A trunk
+    # pretrained for a detector sees digits at the scale its detector's input gives them.
+    input_size: int | None = None
 
     def validate(self) -> None:
         if len(self.widths) != len(self.blocks) or not self.widths:
@@ -40,6 +43,8 @@ class ClassifierConfig:
             raise ValueError("dropout must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1)")
+        if self.input_size is not None and self.input_size < 8:
+            raise ValueError("input_size must be >= 8 (or null)")
 
 
 class ClassifierNet(nn.Module):
@@ -56,13 +61,18 @@ class ClassifierNet(nn.Module):
 class TrunkClassifierNet(nn.Module):
     """A detection trunk (``body``), global average pooling and a linear head."""
 
-    def __init__(self, body: nn.Module, channels: int, num_classes: int, dropout: float) -> None:
+    def __init__(
+        self, body: nn.Module, channels: int, num_classes: int, dropout: float, input_size: int | None = None
+    ) -> None:
         super().__init__()
         self.body = body
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels, num_classes)
+        self.input_size = input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = nn.functional.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
         pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(self.body(x), 1), 1)
         return self.head(self.dropout(pooled))
 
@@ -77,7 +87,9 @@ class Classifier(Method):
     def build(self, info: DatasetInfo) -> nn.Module:
         if self.cfg.backbone is not None:
             body, channels = build_trunk(self.cfg.backbone, info.in_channels)
-            return TrunkClassifierNet(body, channels[-1], info.num_classes, self.cfg.dropout)
+            return TrunkClassifierNet(body, channels[-1], info.num_classes, self.cfg.dropout, self.cfg.input_size)
+        if self.cfg.input_size is not None:
+            raise ValueError("input_size applies to a classifier with `backbone` set")
         backbone = SmallResNet(info.in_channels, tuple(self.cfg.widths), tuple(self.cfg.blocks), self.cfg.norm)
         return ClassifierNet(backbone, info.num_classes, self.cfg.dropout)
 
