@@ -12,7 +12,9 @@ CondInst is FCOS (see :mod:`components.methods.fcos`) plus two parts:
   the finest stride (8) and maps them to ``mask_channels`` (8) channels with a few 3x3 convs.
 For an instance detected at location (x, y), the mask branch's output is concatenated with
 the coordinates of every mask-feature location relative to (x, y) (divided by the size range of
-the instance's pyramid level), and the instance's own dynamic FCN maps that to one mask logit
+the instance's pyramid level); locations and mask-feature cells both sit at FCOS's
+(s//2 + x*s, s//2 + y*s) (:func:`components.methods.fcos.cell_centres`), so the coordinates are 0
+at the instance's own cell, and the instance's own dynamic FCN maps that to one mask logit
 per location. The logits are upsampled to a quarter of the input resolution (the paper's mask
 output stride, 4). No RoI is cropped or resized: each mask covers the whole image, and
 instances differ only through their generated weights and their relative coordinates.
@@ -42,7 +44,7 @@ from torchvision.ops import boxes as box_ops
 from components.data.canonical import DatasetInfo
 from components.methods.base import register_method
 from components.methods.detection_base import InstanceSegmenter
-from components.methods.fcos import FCOS, AssignedFCOS, FCOSConfig, fcos_assign
+from components.methods.fcos import FCOS, AssignedFCOS, FCOSConfig, cell_centres, fcos_assign
 
 
 @dataclass
@@ -205,17 +207,19 @@ class CondInstNet(AssignedFCOS):
         """Mask logits (K x H/out_stride x W/out_stride of the batched input) of K instances.
 
         ``mask_features`` K x C x h x w (each instance's image), ``params`` K x P,
-        ``locations`` K x 2 (x, y input pixels of the detecting location), ``scales`` K (the
+        ``locations`` K x 2 (x, y input pixels of the detecting location, as
+        :meth:`AssignedFCOS._locations` gives them), ``scales`` K (the
         relative coordinates' divisor: the size range of the location's pyramid level).
         """
         k, _, h, w = mask_features.shape
         factor = feature_stride // self.mask_out_stride
         if k == 0:
             return mask_features.new_zeros((0, h * factor, w * factor))
-        device = mask_features.device
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * feature_stride
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * feature_stride
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        # Mask-feature cells sit where FCOS's locations of the same stride do (AdelaiDet's
+        # compute_locations at the mask stride), so an instance's coordinates are 0 at its own
+        # cell when it is detected at the mask features' stride.
+        grid = cell_centres(h, w, feature_stride, feature_stride, mask_features.device).to(locations.dtype)
+        grid_x, grid_y = grid[:, 0].view(h, w), grid[:, 1].view(h, w)
         rel_x = (locations[:, 0, None, None] - grid_x) / scales[:, None, None]
         rel_y = (locations[:, 1, None, None] - grid_y) / scales[:, None, None]
         rel = torch.stack([rel_x, rel_y], dim=1).to(mask_features.dtype)
@@ -223,12 +227,6 @@ class CondInstNet(AssignedFCOS):
         if factor > 1:
             logits = F.interpolate(logits[:, None], scale_factor=factor, mode="bilinear", align_corners=False)[:, 0]
         return logits
-
-    @staticmethod
-    def _locations(anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Centres (P x 2) and strides (P) of the locations whose anchors (one square of side =
-        stride per location, as in :class:`AssignedFCOS`) are given."""
-        return (anchors[:, :2] + anchors[:, 2:]) / 2, anchors[:, 2] - anchors[:, 0]
 
     @staticmethod
     def _scale(strides: torch.Tensor) -> torch.Tensor:

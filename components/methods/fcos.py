@@ -8,12 +8,16 @@ strides of the box centre, the paper's later "center sampling" improvement; 0 tu
 the largest of its four distances to the box sides lies in the level's range: (0, 8s] for the
 finest level, (4s, 8s] in between and (4s, inf) for the coarsest, s being the level's stride
 (the paper's m_i = 0, 64, 128, ... for P3-P7). A location inside several such boxes is assigned
-to the one with the smallest area. Heads: per-class focal-loss classification, (l, t, r, b)
-distances trained with an IoU-type loss (torchvision's GIoU), and a centerness branch
-(BCE against sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))) that down-weights far-off boxes at test
-time.
+to the one with the smallest area. Location (x, y) of a level sits at the image point
+(s//2 + x*s, s//2 + y*s), near the centre of its receptive field (Sec. 3.1; :func:`cell_centres`),
+and every distance (l, t, r, b) is measured from there. Heads: per-class focal-loss
+classification, (l, t, r, b) distances trained with an IoU-type loss (torchvision's GIoU), and a
+centerness branch (BCE against sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))) that down-weights
+far-off boxes at test time.
 
-Built on torchvision's ``FCOS``; the assignment is :func:`fcos_assign`, written out here.
+Built on torchvision's ``FCOS``; the assignment is :func:`fcos_assign`, written out here, and
+the locations come from :class:`CellCentreAnchorGenerator` (torchvision's anchors are centred on
+x*s, a cell's top-left corner).
 """
 
 from __future__ import annotations
@@ -50,6 +54,30 @@ class FCOSConfig(DetectorConfig):
             )
 
 
+def cell_centres(height: int, width: int, stride_y: int, stride_x: int, device=None) -> torch.Tensor:
+    """Image points (H*W x 2, x then y, row-major) of the locations of an H x W feature map:
+    (s//2 + x*s, s//2 + y*s), FCOS's Sec. 3.1 (AdelaiDet's ``compute_locations``)."""
+    xs = torch.arange(width, device=device) * stride_x + stride_x // 2
+    ys = torch.arange(height, device=device) * stride_y + stride_y // 2
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1)
+
+
+class CellCentreAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` with every anchor moved by half a stride, so that the
+    anchors of a level of stride s are centred on :func:`cell_centres` rather than on (x*s, y*s).
+    torchvision's box coder measures FCOS's (l, t, r, b) from the anchor centres, so regression
+    targets, centerness targets and decoded boxes all refer to the paper's locations."""
+
+    def grid_anchors(self, grid_sizes: list[list[int]], strides: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        anchors = super().grid_anchors(grid_sizes, strides)
+        shifted = []
+        for anchors_per_level, (stride_y, stride_x) in zip(anchors, strides, strict=True):
+            half = torch.stack([stride_x // 2, stride_y // 2, stride_x // 2, stride_y // 2])
+            shifted.append(anchors_per_level + half.to(anchors_per_level))
+        return shifted
+
+
 def fcos_assign(
     points: torch.Tensor, strides: torch.Tensor, level_of: torch.Tensor, boxes: torch.Tensor, radius: float
 ) -> torch.Tensor:
@@ -82,6 +110,12 @@ def fcos_assign(
 class AssignedFCOS(TVFCOS):
     """torchvision's FCOS with the location-to-box assignment of :func:`fcos_assign`."""
 
+    @staticmethod
+    def _locations(anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image points (P x 2) and strides (P) of the locations whose anchors are given: one
+        square of side = stride per location, centred on it (:class:`CellCentreAnchorGenerator`)."""
+        return (anchors[:, :2] + anchors[:, 2:]) / 2, anchors[:, 2] - anchors[:, 0]
+
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
         device = anchors[0].device
         level_of = torch.repeat_interleave(
@@ -90,9 +124,7 @@ class AssignedFCOS(TVFCOS):
         )
         matched = []
         for anchors_per_image, target in zip(anchors, targets, strict=True):
-            # One anchor per location, a square of side = stride, centred on the location.
-            points = (anchors_per_image[:, :2] + anchors_per_image[:, 2:]) / 2
-            strides = anchors_per_image[:, 2] - anchors_per_image[:, 0]
+            points, strides = self._locations(anchors_per_image)
             matched.append(fcos_assign(points, strides, level_of, target["boxes"], self.center_sampling_radius))
         return self.head.compute_loss(targets, head_outputs, anchors, matched)
 
@@ -115,11 +147,12 @@ class FCOS(Detector):
 
     def components(self, info: DatasetInfo) -> tuple[nn.Module, dict]:
         """The pyramid backbone and the keyword arguments of torchvision's ``FCOS`` (CondInst
-        builds on the same): one location, a square of side = stride, per pyramid position."""
+        builds on the same): one anchor per pyramid position, a square of side = stride centred
+        on the position's location (:func:`cell_centres`)."""
         cfg = self.cfg
         backbone = build_fpn_backbone(cfg.backbone, info.in_channels)
         strides = cfg.backbone.strides()
-        anchors = AnchorGenerator(sizes=tuple((s,) for s in strides), aspect_ratios=((1.0,),) * len(strides))
+        anchors = CellCentreAnchorGenerator(sizes=tuple((s,) for s in strides), aspect_ratios=((1.0,),) * len(strides))
         return backbone, dict(
             **cfg.input.torchvision_kwargs(),
             anchor_generator=anchors,
