@@ -3,11 +3,14 @@ each policy space samples as its paper says, and configs fail with the key named
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
@@ -304,6 +307,55 @@ def test_pba_op_counts_follow_the_distribution(monkeypatch):
         histogram[len(drawn)] += 1
     freq = torch.tensor(histogram, dtype=torch.float) / 3000
     assert (abs(freq - torch.tensor([0.2, 0.3, 0.5])) < 0.03).all()
+
+
+def pba_algorithm_1(probs: list[float], op_counts: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Exact outcome of PBA's Algorithm 1 (arXiv 1905.05393) on ops with these probabilities:
+    draw ``count`` from ``op_counts``, shuffle the ops, walk them applying each with its
+    probability, stop once ``count`` are applied. Enumerates every count, order and coin outcome;
+    returns P(number of applied ops = k) and P(op i is applied)."""
+    n = len(probs)
+    n_applied, per_op = np.zeros(len(op_counts)), np.zeros(n)
+    orders = list(itertools.permutations(range(n)))
+    for count, p_count in enumerate(op_counts):
+        for order in orders:
+            for coins in itertools.product((False, True), repeat=n):
+                p = p_count / len(orders)
+                for i, heads in zip(order, coins, strict=True):
+                    p *= probs[i] if heads else 1.0 - probs[i]
+                applied = [i for i, heads in zip(order, coins, strict=True) if heads][:count]
+                n_applied[len(applied)] += p
+                per_op[applied] += p
+    return n_applied, per_op
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [("rotate", 0.3, 0.1), ("invert", 0.3, 0.0), ("color", 0.3, 0.2), ("shear_x", 0.3, 0.9)],
+        # an op listed twice (as in the paper's policy) is two entries with their own values
+        [("rotate", 0.3, 0.1), ("rotate", 0.8, 0.7), ("color", 0.5, 0.2), ("invert", 0.1, 0.4)],
+    ],
+)
+def test_pba_walks_the_shuffled_ops_until_count_are_applied(monkeypatch, specs):
+    """An op whose coin fails does not use up one of the image's ``count`` ops (Algorithm 1)."""
+    cfg = AugmentConfig(kind="pba", schedule=[ScheduleStep(0.0, [OpSpec(*s) for s in specs])])
+    policy = AugmentPolicy(cfg)
+    calls = count_ops(policy, monkeypatch)
+    torch.manual_seed(0)
+    image, draws = torch.rand(3, 8, 8), 4000
+    histogram = np.zeros(len(cfg.pba_op_counts))
+    for _ in range(draws):
+        before = len(calls)
+        policy(image)
+        histogram[len(calls) - before] += 1
+    expected, per_op = pba_algorithm_1([p for _, p, _ in specs], cfg.pba_op_counts)
+    chi2 = ((histogram - draws * expected) ** 2 / (draws * expected)).sum()
+    assert chi2 < stats.chi2.ppf(0.999, df=len(expected) - 1), (histogram / draws, expected)
+    freq = np.array([calls.count((op, m)) for op, _, m in specs]) / draws
+    sigma = np.sqrt(per_op * (1 - per_op) / draws)
+    assert (abs(freq - per_op) < 4 * sigma).all(), (freq, per_op)
+    assert len(calls) == sum(freq) * draws  # every applied op is one of the step's entries
 
 
 def test_seeding_torch_reproduces_the_output():

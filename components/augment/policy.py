@@ -7,7 +7,9 @@ Four policy spaces, each following its paper:
 - RandAugment (arXiv 1909.13719): ``n`` ops drawn with replacement, all at one magnitude ``m``;
 - TrivialAugment (arXiv 2103.10158): one op at a magnitude drawn uniformly from [0, 1];
 - PBA (arXiv 1905.05393): a schedule of per-op (probability, magnitude) over training; per image
-  0, 1 or 2 ops drawn without replacement.
+  a count of 0, 1 or 2, then the ops in a random order, each applied with its probability, until
+  ``count`` have been applied (the paper's Algorithm 1). An op may be listed twice in a step, as
+  in the paper's policy, each entry with its own values.
 
 A magnitude in [0, 1] means what ``ops.op_value`` says, so a policy found by the differentiable
 searcher is applied with the same strength here. Geometric ops move boxes and masks with the
@@ -224,6 +226,11 @@ def _drop_degenerate(node: Any, min_size: float = 2.0) -> Any:
     return out
 
 
+def _coin(prob: float) -> bool:
+    """True with probability ``prob``; a certain outcome draws no random number."""
+    return prob >= 1.0 or float(torch.rand(())) < prob
+
+
 class AugmentPolicy(Transform):
     """The policy of ``cfg`` as a v2 transform: ``policy(image)``, ``policy(image, target)`` or
     ``policy((image, label))``. The image is the ``tv_tensors.Image`` of the sample, else its first
@@ -255,15 +262,25 @@ class AugmentPolicy(Transform):
             sub = cfg.sub_policies[int(torch.randint(len(cfg.sub_policies), ()))]
             return [(s.op, s.prob, s.magnitude) for s in sub]
         if cfg.kind == "pba":
+            # PBA's Algorithm 1: walk the step's ops in a random order, apply each with its
+            # probability, and stop once ``count`` ops have been applied; an op whose coin fails
+            # does not use up one of the ``count``. The coins are thrown here, so the chosen
+            # ops come back with probability 1.
             ops = cfg.schedule[self.step_index].ops
-            k = min(int(torch.multinomial(self._op_counts, 1)), len(ops))
-            return [(ops[i].op, ops[i].prob, ops[i].magnitude) for i in torch.randperm(len(ops))[:k].tolist()]
+            count = int(torch.multinomial(self._op_counts, 1))
+            chosen: list[tuple[str, float, float]] = []
+            for i in torch.randperm(len(ops)).tolist():
+                if len(chosen) == count:
+                    break
+                if _coin(ops[i].prob):
+                    chosen.append((ops[i].op, 1.0, ops[i].magnitude))
+            return chosen
         return []
 
     def forward(self, *inputs: Any) -> Any:
         sample = inputs if len(inputs) > 1 else inputs[0]
         for op, prob, magnitude in self._draw():
-            if prob < 1.0 and float(torch.rand(())) >= prob:
+            if not _coin(prob):
                 continue
             sign = -1.0 if op in SIGNED_OPS and float(torch.rand(())) < 0.5 else 1.0
             sample = self.apply_op(sample, op, magnitude, sign)
