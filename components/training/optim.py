@@ -1,17 +1,19 @@
 """Optimisers, learning-rate schedules and Gradient Centralization.
 
 Gradient Centralization (Yong et al., "Gradient Centralization: A New Optimization Technique
-for Deep Neural Networks", arXiv 2004.01461): before the update, the gradient of every weight
-with more than one dimension (conv kernels, fully connected matrices) has its mean over all
-dimensions but the output one subtracted, so each output channel's gradient has zero mean.
-As in the paper's SGD variant, a coupled L2 weight-decay term is added to the gradient before
-centralising; 1-d parameters (biases, norm scales) are left alone.
+for Deep Neural Networks", arXiv 2004.01461): before the update, the gradient of every conv and
+fully-connected weight has its mean over all dimensions but the output channel subtracted, so
+each output channel's gradient has zero mean. The weights are those of ``nn.Linear`` and
+``nn.Conv{1,2,3}d`` (output channel = dim 0) and ``nn.ConvTranspose{1,2,3}d``, whose weight is
+(in, out/groups, *kernel): output channel ``g * out/groups + j`` is column ``j`` of group ``g``'s
+input rows; ``nn.MultiheadAttention``'s query/key/value projection matrices count as
+fully-connected weights. Embedding tables, other raw parameters, norms and biases are left alone. As in the
+paper's SGD variant, a coupled L2 weight-decay term is added to the gradient before centralising.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,13 +44,48 @@ class SchedulerConfig:
     min_lr_ratio: float = 0.0
 
 
+_OUTPUT_DIM_0 = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def centralized_weights(model: nn.Module) -> dict[int, tuple[nn.Parameter, int]]:
+    """``id(weight) -> (weight, groups)`` for the weights Gradient Centralization acts on;
+    ``groups`` is that of a transposed conv (its output channels span dims 0 and 1), 0 for a weight
+    whose output channel is dim 0."""
+    out: dict[int, tuple[nn.Parameter, int]] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):  # its q/k/v projections are raw (out, in) matrices
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                w = getattr(module, name, None)
+                if isinstance(w, nn.Parameter):
+                    out.setdefault(id(w), (w, 0))
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):  # e.g. a weight computed by a parametrization
+            continue
+        if isinstance(module, _TRANSPOSED):
+            out.setdefault(id(weight), (weight, module.groups))
+        elif isinstance(module, _OUTPUT_DIM_0):
+            out.setdefault(id(weight), (weight, 0))
+    return out
+
+
+def _centralize(grad: torch.Tensor, groups: int) -> None:
+    """In place: subtract from ``grad`` its mean over each output channel's entries."""
+    if groups == 0:  # (out, ...)
+        grad.sub_(grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True))
+        return
+    # (in, out/groups, *kernel) -> (groups, in/groups, out/groups, *kernel): a channel is (g, :, j, ...)
+    view = grad.reshape(groups, grad.shape[0] // groups, *grad.shape[1:])
+    grad.copy_((view - view.mean(dim=(1, *range(3, view.dim())), keepdim=True)).reshape(grad.shape))
+
+
 @torch.no_grad()
-def centralize_gradients(params: Iterable[torch.Tensor]) -> None:
-    """In place: ``g <- g - mean(g over all dims but the first)`` for every parameter with more
-    than one dimension."""
-    for p in params:
-        if p.grad is not None and p.grad.dim() > 1:
-            p.grad.sub_(p.grad.mean(dim=tuple(range(1, p.grad.dim())), keepdim=True))
+def centralize_gradients(model: nn.Module) -> None:
+    """In place: ``g <- g - mean(g over each output channel)`` for the gradient of every conv,
+    transposed-conv and linear weight of ``model``."""
+    for weight, groups in centralized_weights(model).values():
+        if weight.grad is not None:
+            _centralize(weight.grad, groups)
 
 
 def build_optimizer(
@@ -78,17 +115,20 @@ def build_optimizer(
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
     if cfg.gradient_centralization:
+        targets = {i: g for i, (_, g) in centralized_weights(model).items()}  # id -> transposed groups
 
         @torch.no_grad()
-        def _centralize(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        def _gc_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
             for group in optimizer.param_groups:
-                if fold_wd and wd:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.grad.add_(p, alpha=wd)
-                centralize_gradients(group["params"])
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if fold_wd and wd:
+                        p.grad.add_(p, alpha=wd)
+                    if id(p) in targets:
+                        _centralize(p.grad, targets[id(p)])
 
-        opt.register_step_pre_hook(_centralize)
+        opt.register_step_pre_hook(_gc_hook)
     return opt
 
 
