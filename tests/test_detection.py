@@ -18,6 +18,7 @@ from components.methods.detr import DETRConfig, SetCriterion, hungarian_match, s
 from components.methods.fcos import fcos_assign
 from components.methods.retinanet import FocalClassificationHead
 from components.tasks.detection import DetectionEvaluator, coco_box_metrics
+from components.training.optim import OptimizerConfig, build_optimizer
 
 
 def _image(boxes, labels, det_boxes, det_scores, det_labels, size=64):
@@ -105,6 +106,20 @@ def test_hungarian_matching_equals_brute_force(seed):
         sum(float(cost[q, t]) for t, q in enumerate(perm)) for perm in itertools.permutations(range(queries), targets)
     )
     assert float(cost[rows, cols].sum()) == pytest.approx(best, abs=1e-5)
+
+
+def test_detr_trains_the_trunk_at_a_tenth_of_the_learning_rate_by_default(tiny_dataset):
+    """The paper: 1e-4 for the transformer, 1e-5 for the backbone."""
+    assert DETRConfig().backbone_lr_ratio == 0.1
+    method = create_method("detr", {}, source="test", key="runs.x.config")
+    model = method.build(read_info(tiny_dataset))
+    trunk = {id(p) for p in method.trunk(model).parameters()}
+    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4), method.param_groups(model))
+    for group in optimizer.param_groups:
+        in_trunk = {id(p) in trunk for p in group["params"]}
+        assert len(in_trunk) == 1  # a group is all trunk or all the rest
+        assert group["lr"] == pytest.approx(1e-5 if in_trunk.pop() else 1e-4)
+    assert len(optimizer.param_groups) == 2
 
 
 def test_matcher_pairs_each_object_with_its_query():

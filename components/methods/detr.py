@@ -47,6 +47,8 @@ def _detr_backbone() -> BackboneConfig:
 class DETRConfig(DetectorConfig):
     backbone: BackboneConfig = field(default_factory=_detr_backbone)
     score_thresh: float = 0.0  # every query is a detection; COCO AP ranks them by score
+    # The paper (arXiv 2005.12872, Sec. 4): AdamW at 1e-4 for the transformer, 1e-5 for the backbone.
+    backbone_lr_ratio: float = 0.1
     hidden_dim: int = 128
     nheads: int = 8
     enc_layers: int = 3
