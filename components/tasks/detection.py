@@ -5,14 +5,18 @@ hold ``boxes`` (XYXY pixels), ``labels`` (category indices) and ``image_id``. Pr
 one dict per image with ``boxes`` (XYXY pixels of the input image), ``scores`` and ``labels``:
 the torchvision convention, which every detection method returns.
 
-Scores come from pycocotools' ``COCOeval`` (the reference COCO evaluator): ``mAP`` is AP
-averaged over IoU 0.50:0.95, ``mAP50``/``mAP75`` at one IoU, ``mAP_small``/``_medium``/``_large``
-by object area (COCO's 32² and 96² pixel thresholds; a size with no ground-truth object is left
-out rather than logged as -1), ``mAR100`` the recall with 100 detections per image.
+Scores come from faster-coco-eval's ``COCOeval_faster`` (https://github.com/MiXaiLL76/faster_coco_eval):
+the COCO evaluation protocol of pycocotools' ``COCOeval`` with the per-image matching and the
+accumulation in C++, and the same summary statistics (tests/test_coco_eval.py checks them
+against pycocotools on one set of predictions). ``mAP`` is AP averaged over IoU 0.50:0.95,
+``mAP50``/``mAP75`` at one IoU, ``mAP_small``/``_medium``/``_large`` by object area (COCO's 32²
+and 96² pixel thresholds; a size with no ground-truth object is left out rather than logged as
+-1), ``mAR100`` the recall with 100 detections per image.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +32,7 @@ _STATS = (  # COCOeval.stats, in order
     *("mAR1", "mAR10", "mAR100", "mAR_small", "mAR_medium", "mAR_large"),
 )
 _REPORTED = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "mAR100")
-
-
-def _quiet(*args: Any, **kwargs: Any) -> None:
-    pass
+_LOG = logging.getLogger(__name__)
 
 
 def _xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
@@ -47,19 +48,12 @@ def coco_box_metrics(images: list[dict[str, Any]], num_classes: int, iou_type: s
     ``iou_type="segm"`` scores masks instead of boxes: every image then also holds ``masks`` and
     ``det_masks``, one COCO RLE per object (``pycocotools.mask.encode``); areas come from them.
     """
-    from pycocotools import coco as coco_module
-    from pycocotools import cocoeval as cocoeval_module
-
-    # pycocotools reports progress with print(); shadowing the name in its modules silences it
-    # in every thread (Ray Train runs the loop in a worker thread that redirect_stdout misses).
-    coco_module.print = cocoeval_module.print = _quiet
-    COCO, COCOeval = coco_module.COCO, cocoeval_module.COCOeval
+    from faster_coco_eval import COCO, COCOeval_faster
+    from faster_coco_eval import mask as mask_utils
 
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     segm = iou_type == "segm"
-    if segm:
-        from pycocotools import mask as mask_utils
     gt: dict[str, Any] = {
         "images": [],
         "annotations": [],
@@ -70,7 +64,7 @@ def coco_box_metrics(images: list[dict[str, Any]], num_classes: int, iou_type: s
         gt["images"].append({"id": image_id, "height": int(item["height"]), "width": int(item["width"])})
         for k, (box, label) in enumerate(zip(_xyxy_to_xywh(item["boxes"]), item["labels"], strict=True)):
             ann = {
-                "id": len(gt["annotations"]) + 1,
+                "id": len(gt["annotations"]) + 1,  # ids from 1: the evaluator reads id 0 as "unmatched"
                 "image_id": image_id,
                 "category_id": int(label) + 1,
                 "bbox": box.tolist(),
@@ -85,29 +79,27 @@ def coco_box_metrics(images: list[dict[str, Any]], num_classes: int, iou_type: s
             zip(_xyxy_to_xywh(item["det_boxes"]), item["det_scores"], item["det_labels"], strict=True)
         ):
             det = {"image_id": image_id, "category_id": int(label) + 1, "bbox": box.tolist(), "score": float(score)}
-            if segm:  # pycocotools derives the box and the area from the mask
+            if segm:  # loadRes derives the box and the area from the mask
                 del det["bbox"]
                 det["segmentation"] = item["det_masks"][k]
             detections.append(det)
     if not gt["annotations"]:
         raise ValueError("COCO evaluation needs at least one ground-truth box; the evaluated split has none")
-    if not detections:  # pycocotools cannot load an empty result list; nothing detected scores 0
+    if not detections:  # nothing detected: AP and recall are 0, without running the evaluator
         return dict.fromkeys(("mAP", "mAP50", "mAP75", "mAR100"), 0.0)
-    coco_gt = COCO()
-    coco_gt.dataset = gt
-    coco_gt.createIndex()
+    # Both classes take the function their progress lines go to: this module's logger at DEBUG
+    # level, silent unless asked for (and, unlike stdout redirection, in every thread).
+    coco_gt = COCO(gt, print_function=_LOG.debug)
     coco_dt = coco_gt.loadRes(detections)
-    evaluation = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-    evaluation.evaluate()
-    evaluation.accumulate()
-    evaluation.summarize()
+    evaluation = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=_LOG.debug)
+    evaluation.run()  # evaluate, accumulate, summarize
     stats = dict(zip(_STATS, (float(s) for s in evaluation.stats), strict=True))
     return {k: stats[k] for k in _REPORTED if stats[k] >= 0}  # -1: no object of that size
 
 
 class DetectionEvaluator(Evaluator):
     """Collects ground truth and detections; ``compute`` gathers every worker's images and runs
-    COCOeval on all of them, so the score does not depend on how the split was sharded."""
+    the COCO evaluation on all of them, so the score does not depend on how the split was sharded."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
