@@ -3,14 +3,13 @@ numbers on the same ground truth and detections, for boxes and for masks."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from bench.coco_eval_speed import pycocotools_stats
 from components.tasks.detection import coco_box_metrics
 
 # coco_box_metrics' keys and their places in COCOeval.stats
@@ -77,47 +76,12 @@ def _scenes(
     return images
 
 
-def _pycocotools_stats(images: list[dict], num_classes: int, iou_type: str) -> np.ndarray:
-    """pycocotools' COCOeval.stats on the images, with the ground truth and results built here."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    gt = {"images": [], "annotations": [], "categories": [{"id": c + 1} for c in range(num_classes)]}
-    results = []
-    for image_id, item in enumerate(images, start=1):
-        gt["images"].append({"id": image_id, "height": item["height"], "width": item["width"]})
-        for k, ((x0, y0, x1, y1), label) in enumerate(zip(item["boxes"].tolist(), item["labels"], strict=True)):
-            ann = {"id": len(gt["annotations"]) + 1, "image_id": image_id, "category_id": int(label) + 1}
-            ann.update(bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0), iscrowd=0)
-            if iou_type == "segm":
-                ann.update(segmentation=item["masks"][k], area=float(mask_utils.area(item["masks"][k])))
-            gt["annotations"].append(ann)
-        for k, ((x0, y0, x1, y1), score, label) in enumerate(
-            zip(item["det_boxes"].tolist(), item["det_scores"].tolist(), item["det_labels"], strict=True)
-        ):
-            res = {"image_id": image_id, "category_id": int(label) + 1, "score": score}
-            if iou_type == "segm":
-                res["segmentation"] = item["det_masks"][k]
-            else:
-                res["bbox"] = [x0, y0, x1 - x0, y1 - y0]
-            results.append(res)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        evaluation = COCOeval(coco_gt, coco_gt.loadRes(results), iouType=iou_type)
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return np.asarray(evaluation.stats)
-
-
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 @pytest.mark.parametrize("seed", range(4))
 def test_metrics_equal_pycocotools(seed, iou_type):
     images = _scenes(seed)
     ours = coco_box_metrics(images, num_classes=4, iou_type=iou_type)
-    reference = _pycocotools_stats(images, num_classes=4, iou_type=iou_type)
+    reference = pycocotools_stats(images, num_classes=4, iou_type=iou_type)
     expected = {k: float(reference[i]) for k, i in _INDEX.items() if reference[i] >= 0}
     assert set(ours) == set(expected)
     for key, value in expected.items():
@@ -131,7 +95,7 @@ def test_at_most_100_detections_per_image_and_class_count_as_in_pycocotools(iou_
     images = _scenes(5, n_images=3, num_classes=1, false_positives=130)
     assert min(len(item["det_boxes"]) for item in images) > 100
     ours = coco_box_metrics(images, num_classes=1, iou_type=iou_type)
-    reference = _pycocotools_stats(images, num_classes=1, iou_type=iou_type)
+    reference = pycocotools_stats(images, num_classes=1, iou_type=iou_type)
     assert ours == pytest.approx({k: float(reference[i]) for k, i in _INDEX.items() if reference[i] >= 0}, abs=1e-9)
 
 
