@@ -58,7 +58,7 @@ class DetectorConfig:
     input: DetectorInput = field(default_factory=DetectorInput)
     score_thresh: float = 0.05  # detections below this score are dropped at inference
     detections_per_image: int = 100
-    backbone_lr_ratio: float = 1.0  # the trunk's learning rate relative to the rest (DETR: 0.1)
+    backbone_lr_ratio: float = 1.0  # the trunk's learning rate relative to the rest
 
     def validate(self) -> None:
         if not 0.0 <= self.score_thresh < 1.0:

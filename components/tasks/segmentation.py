@@ -12,7 +12,7 @@ or the predictions, background included as in PASCAL VOC), ``IoU/<class>`` per c
 ``targets[i]["masks"]`` (N x H x W, uint8). Predictions follow the torchvision Mask R-CNN
 convention: per image ``boxes``, ``scores``, ``labels`` and ``masks`` (N x H x W probabilities
 or booleans at the input image's size; a mask is the pixels >= 0.5). Scores come from
-pycocotools' ``COCOeval``: ``mask_mAP`` (and ``mask_mAP50`` ...) on the masks, the primary
+faster-coco-eval's ``COCOeval_faster``: ``mask_mAP`` (and ``mask_mAP50`` ...) on the masks, the primary
 metric, and ``mAP`` (...) on the boxes.
 """
 
