@@ -49,6 +49,14 @@ def shrink(params: dict, *, epochs: int = 2, workers: int = 2) -> dict:
     return p
 
 
+def without_trunk(params: dict, run: str) -> dict:
+    """A copy of the params in which the run starts from random init, for the tests of a path that
+    a pretrained trunk does not change (those of the trunk train it first, as `dvc repro` does)."""
+    p = copy.deepcopy(params)
+    p["runs"][run].get("config", {}).get("backbone", {}).pop("pretrained", None)
+    return p
+
+
 _TINY_PYRAMID = {"backbone": {"widths": [8, 16, 16, 32], "blocks": [1, 1, 1, 1], "fpn_channels": 16}}
 TINY_MODELS = {  # the smallest model of each method: seconds per run on CPU
     "classifier": {"widths": [8, 16], "blocks": [1, 1]},

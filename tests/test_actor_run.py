@@ -11,6 +11,7 @@ import torch
 
 from components.storage.cluster import RayStorage, ray_storage
 from components.training.actor_run import COMPLETE, CheckpointStore
+from tests.conftest import without_trunk
 from tests.s3_server import s3_endpoint_fixture  # noqa: F401
 
 
@@ -96,7 +97,7 @@ def _platform(tiny_params, tmp_path):
 def _one_worker(tiny_params, in_actor: bool, run: str = "classifier", **failure):
     from components.training.spec import load_run_spec
 
-    p = copy.deepcopy(tiny_params)
+    p = without_trunk(tiny_params, run)  # the trunk's path is tested in test_training.py
     training = p["runs"][run].setdefault("training", {})
     training.update({"epochs": 3, "scaling": {"num_workers": 1, "one_worker_in_actor": in_actor}})
     training["failure"] = failure

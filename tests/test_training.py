@@ -13,6 +13,7 @@ import torch
 
 from components.training.driver import load_platform, train
 from components.training.spec import load_run_spec
+from tests.conftest import without_trunk
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +194,8 @@ def test_tracked_segmentation_run(run, ray_session, tiny_dataset, tiny_params, p
 
     augment = {"kind": "randaugment", "n": 2, "m": 0.5}  # geometric ops move the masks (semantic: fill 255)
     # eval_every 1: params validate mask AP runs less often
-    spec = _spec(tiny_params, run=run, epochs=2, figures_every=1, eval_every=1, augment=augment)
+    # from random init: the trunk's path is that of test_tracked_detection_run
+    spec = _spec(without_trunk(tiny_params, run), run=run, epochs=2, figures_every=1, eval_every=1, augment=augment)
     family = spec.create_method().task
     out = train(spec, platform, tiny_dataset, tmp_path / run / "model", tmp_path / run / "results")
     client = _client(platform)
