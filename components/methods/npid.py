@@ -33,6 +33,12 @@ Adapted to a run of ~8 epochs on 2.5k images (measured on the digits crops):
 - a colour distortion on top of the family's views (``colour``, see ``simclr.ColourConfig``).
 The scored features are the encoder's pooled features (``eval_features: encoder``), the same
 frozen-feature protocol as the other methods; ``embedding`` scores the paper's 128-d ``f``.
+Next to them the predictions carry the paper's own evaluation (Sec. 3.4, ``bank_knn_top1``): the
+train images are not encoded again but represented by their bank entries ``v_i`` (a train row's
+index is its bank slot), and a query by its L2-normalised embedding ``f``; the family's weighted
+kNN (k 200, tau 0.07) then scores the queries against the bank. The bank is a buffer, so the best
+checkpoint scored on the test split brings its own; an untrained model (``epochs: 0``) scores its
+random initial bank, i.e. chance.
 """
 
 from __future__ import annotations
@@ -122,6 +128,19 @@ class NPIDNet(nn.Module):
         self.update_bank(index, f.detach())
         return {"nce": nce, "proximal": proximal}
 
+    def evaluation_features(
+        self, images: torch.Tensor, is_query: torch.Tensor, index: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The scored features of ``images`` and, under ``bank``, the paper's kNN features: a
+        query's embedding ``f``, a train image's bank entry ``v_index`` (its slot in the bank)."""
+        pooled = self.encoder(images)
+        f = F.normalize(self.head(pooled).float(), dim=1)
+        scored = pooled if self.cfg.eval_features == "encoder" else f
+        is_query = is_query.bool()
+        slot = torch.where(is_query, 0, index)  # a query's index is in its own split, not the bank
+        bank = torch.where(is_query[:, None], f, self.bank[slot].to(f.dtype))
+        return {"features": scored, "bank": bank}
+
     @torch.no_grad()
     def update_z(self, s_noise: torch.Tensor, n: int) -> torch.Tensor:
         """Running mean of the per-batch estimates ``n * mean exp(s)`` while fewer than
@@ -162,6 +181,11 @@ class NPID(EmbeddingMethod):
     def training_step(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, index = colour_distort(batch[0], self.cfg.colour), batch[3]
         return model(images, index)
+
+    def predict(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        """``batch = (images, labels, is_query, index)``, the family's evaluation batch."""
+        core = getattr(model, "module", model)  # the bank lives on the module a DDP wrapper holds
+        return core.evaluation_features(batch[0], batch[2], batch[3])
 
     def search_space(self) -> dict:
         return {"temperature": {"type": "uniform", "low": 0.05, "high": 0.2}}

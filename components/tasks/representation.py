@@ -11,8 +11,16 @@ here only) and of the scored split (the queries):
 
 Training batches are two independently augmented views of each image with its index:
 ``(view_1, view_2, label, index)`` (the label is never used by a method's loss). Evaluation batches
-are ``(image, label, is_query)``: the scored split's images first (``is_query`` 1), then the train
-split's (0). Features of every worker are gathered, so the scores are exact under DDP.
+are ``(image, label, is_query, index)``: the scored split's images first (``is_query`` 1), then the
+train split's (0); ``index`` is the image's position in its own split, so a train image's index is
+the one its training items carry (NPID's memory bank slot). Features of every worker are gathered,
+so the scores are exact under DDP.
+
+A method's predictions are the features ``(N, D)`` of the batch, or a dict holding them under
+``features`` plus other named ``(N, D')`` feature sets of the same rows: each is scored by the same
+weighted kNN, its queries against its own reference rows, as ``{name}_knn_top1`` next to the two
+protocols above (NPID's ``bank``: the query's embedding against the memory bank's entries, the
+paper's own evaluation). The primary metric stays ``knn_top1``, so every method is ranked alike.
 """
 
 from __future__ import annotations
@@ -86,16 +94,25 @@ def linear_probe(
 
 
 class RepresentationEvaluator(Evaluator):
-    """kNN and linear-probe top-1 of the queries against the reference (train) features."""
+    """kNN and linear-probe top-1 of the queries against the reference (train) features, and the
+    kNN top-1 of each extra feature set a method's predictions carry."""
 
     def __init__(self, num_classes: int, k: int = KNN_K, tau: float = KNN_TAU) -> None:
         self.num_classes, self.k, self.tau = num_classes, k, tau
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
 
-    def update(self, predictions: torch.Tensor, batch) -> None:
-        """``predictions``: features (N, D) of ``batch = (images, labels, is_query)``."""
+    def update(self, predictions: torch.Tensor | dict[str, torch.Tensor], batch) -> None:
+        """``predictions``: features (N, D) of ``batch = (images, labels, is_query, ...)``, or a
+        dict of them (``features``) and extra named feature sets of the same N rows."""
+        extra = dict(predictions) if isinstance(predictions, dict) else {"features": predictions}
+        features = extra.pop("features")
         self.parts.append(
-            (predictions.detach().float().cpu(), batch[1].detach().cpu().long(), batch[2].detach().cpu().bool())
+            (
+                features.detach().float().cpu(),
+                batch[1].detach().cpu().long(),
+                batch[2].detach().cpu().bool(),
+                {name: value.detach().float().cpu() for name, value in extra.items()},
+            )
         )
 
     def compute(self) -> dict[str, float]:
@@ -108,14 +125,19 @@ class RepresentationEvaluator(Evaluator):
             raise ValueError("representation evaluation needs both query and reference (train) images")
         knn = weighted_knn(features[q], features[r], labels[r], self.num_classes, self.k, self.tau)
         probe = linear_probe(features[r], labels[r], features[q], self.num_classes)
-        return {
+        scores = {
             "knn_top1": float((knn == labels[q]).double().mean()),
             "linear_top1": float((probe == labels[q]).double().mean()),
         }
+        for name in sorted(gathered[0][3]):
+            extra = torch.cat([p[3][name] for p in gathered])
+            predicted = weighted_knn(extra[q], extra[r], labels[r], self.num_classes, self.k, self.tau)
+            scores[f"{name}_knn_top1"] = float((predicted == labels[q]).double().mean())
+        return scores
 
 
 class _WithRole(Dataset):
-    """Items ``(image, label, is_query)`` of one split."""
+    """Items ``(image, label, is_query, index)`` of one split (``index``: the position in it)."""
 
     def __init__(self, base: ImageLabelDataset, is_query: bool) -> None:
         self.base, self.is_query = base, int(is_query)
@@ -125,7 +147,7 @@ class _WithRole(Dataset):
 
     def __getitem__(self, i: int):
         image, label = self.base[i]
-        return image, label, self.is_query
+        return image, label, self.is_query, i
 
 
 def neighbour_figure(
@@ -172,8 +194,9 @@ class Representation(TaskFamily):
         return RepresentationEvaluator(num_classes)
 
     def sample_figure(self, sample: tuple[Any, Any], classes: tuple[str, ...], path: Path) -> None:
-        (images, labels, _), features = sample
-        neighbour_figure(images, labels, features, classes, path)
+        batch, predictions = sample
+        features = predictions["features"] if isinstance(predictions, dict) else predictions
+        neighbour_figure(batch[0], batch[1], features, classes, path)
 
 
 REPRESENTATION = register_task(Representation())
