@@ -18,12 +18,19 @@ Transformers", arXiv 2005.12872.
   averaging the loss equals the single-worker loss on the whole global batch.
 
 Written here on ``torch.nn.MultiheadAttention`` and ``scipy.optimize.linear_sum_assignment``.
+
+``variant: conditional`` selects Conditional DETR (Meng, Chen, Fan, Zeng, Li, Yuan, Sun, Wang,
+"Conditional DETR for Fast Training Convergence", arXiv 2108.06152), written in
+``components/methods/conditional_detr.py``: the same backbone, encoder and set matching, with
+conditional cross-attention, boxes relative to a reference point per query and focal-loss
+classification. ``variant: detr`` (the default) is the model above, unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +52,8 @@ def _detr_backbone() -> BackboneConfig:
 
 @dataclass
 class DETRConfig(DetectorConfig):
+    # "conditional": Conditional DETR (arXiv 2108.06152, see the module docstring).
+    variant: Literal["detr", "conditional"] = "detr"
     backbone: BackboneConfig = field(default_factory=_detr_backbone)
     score_thresh: float = 0.0  # every query is a detection; COCO AP ranks them by score
     # The paper (arXiv 2005.12872, Sec. 4): AdamW at 1e-4 for the transformer, 1e-5 for the backbone.
@@ -57,13 +66,22 @@ class DETRConfig(DetectorConfig):
     dropout: float = 0.1
     num_queries: int = 20
     aux_loss: bool = True
-    class_cost: float = 1.0
+    # Left unset, the class cost and weight are the variant's paper's: 1 for DETR, 2 for
+    # Conditional DETR (its focal loss; arXiv 2108.06152). Both papers: L1 5, GIoU 2.
+    class_cost: float | None = None
     bbox_cost: float = 5.0
     giou_cost: float = 2.0
-    ce_weight: float = 1.0
+    ce_weight: float | None = None  # the class loss's weight (cross-entropy, or focal loss)
     l1_weight: float = 5.0
     giou_weight: float = 2.0
-    eos_coef: float = 0.1
+    eos_coef: float = 0.1  # DETR's "no object" weight; Conditional DETR has no such class
+
+    def __post_init__(self) -> None:
+        paper = 2.0 if self.variant == "conditional" else 1.0
+        if self.class_cost is None:
+            self.class_cost = paper
+        if self.ce_weight is None:
+            self.ce_weight = paper
 
     def validate(self) -> None:
         super().validate()
@@ -103,9 +121,8 @@ class SetCriterion(nn.Module):
         for i, target in enumerate(targets):
             if len(target["labels"]) == 0:
                 continue
-            prob = logits[i].float().softmax(-1)
             costs[i] = (
-                -self.cfg.class_cost * prob[:, target["labels"]]
+                self.class_cost_matrix(logits[i], target["labels"])
                 + self.cfg.bbox_cost * torch.cdist(boxes[i].float(), target["boxes"], p=1)
                 - self.cfg.giou_cost * generalized_box_iou(_xyxy(boxes[i].float()), _xyxy(target["boxes"]))
             )
@@ -117,30 +134,39 @@ class SetCriterion(nn.Module):
             _assign(host[i].view(costs[i].shape).numpy()) if i in costs else (empty, empty) for i in range(len(targets))
         ]
 
+    def class_cost_matrix(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(Q, T) matching cost of each query's class scores ``logits`` (Q, C+1) for the targets' ``labels``."""
+        prob = logits.float().softmax(-1)
+        return -self.cfg.class_cost * prob[:, labels]
+
+    def class_loss(self, logits, batch_idx, query_idx, labels, num_boxes, weight_total) -> dict[str, torch.Tensor]:
+        """Cross-entropy over every query, the matched ones (``batch_idx``, ``query_idx``) towards
+        ``labels``, the rest towards "no object"."""
+        n, q = logits.shape[:2]
+        classes = torch.full((n, q), self.num_classes, dtype=torch.long, device=logits.device)
+        classes[batch_idx, query_idx] = labels
+        ce = F.cross_entropy(logits.float().transpose(1, 2), classes, weight=self.class_weight, reduction="sum")
+        return {"ce": self.cfg.ce_weight * ce / weight_total}
+
     def layer_loss(self, logits, boxes, targets, num_boxes: torch.Tensor, weight_total: torch.Tensor):
         indices = self.match(logits, boxes, targets)
-        n, q = logits.shape[:2]
         device = logits.device
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
         query_idx = torch.cat([src for src, _ in indices]).to(device)
-        classes = torch.full((n, q), self.num_classes, dtype=torch.long, device=device)
-        classes[batch_idx, query_idx] = torch.cat(
-            [t["labels"][tgt.to(device)] for t, (_, tgt) in zip(targets, indices, strict=True)]
-        )
-        ce = F.cross_entropy(logits.float().transpose(1, 2), classes, weight=self.class_weight, reduction="sum")
+        labels = torch.cat([t["labels"][tgt.to(device)] for t, (_, tgt) in zip(targets, indices, strict=True)])
+        losses = self.class_loss(logits, batch_idx, query_idx, labels, num_boxes, weight_total)
         matched = boxes[batch_idx, query_idx].float()
         wanted = torch.cat([t["boxes"][tgt.to(device)] for t, (_, tgt) in zip(targets, indices, strict=True)])
         l1 = F.l1_loss(matched, wanted, reduction="sum")
         giou = generalized_box_iou_loss(_xyxy(matched), _xyxy(wanted), reduction="sum")
-        return {
-            "ce": self.cfg.ce_weight * ce / weight_total,
-            "l1": self.cfg.l1_weight * l1 / num_boxes,
-            "giou": self.cfg.giou_weight * giou / num_boxes,
-        }
+        losses["l1"] = self.cfg.l1_weight * l1 / num_boxes
+        losses["giou"] = self.cfg.giou_weight * giou / num_boxes
+        return losses
 
     def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets) -> dict[str, torch.Tensor]:
         """``logits`` (L, N, Q, C+1) and ``boxes`` (L, N, Q, 4) for L decoder layers (last one
-        last); ``targets`` boxes in normalised cx, cy, w, h."""
+        last; (L, N, Q, C) logits, no "no object", in a subclass with a sigmoid class loss);
+        ``targets`` boxes in normalised cx, cy, w, h."""
         device = logits.device
         count = sum(len(t["labels"]) for t in targets)
         slots = logits.shape[1] * logits.shape[2]
@@ -234,22 +260,30 @@ class DETRModel(nn.Module):
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         args = (d, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.enc_layers))
+        self.build_decoder(cfg, num_classes)
+        for module in (self.encoder, self.decoder):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        self.init_heads()
+
+    def build_decoder(self, cfg: DETRConfig, num_classes: int) -> None:
+        """The decoder (its parameters get Xavier init with the encoder's), the heads, the loss."""
+        d = cfg.hidden_dim
+        args = (d, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         self.decoder = nn.ModuleList(DecoderLayer(*args) for _ in range(cfg.dec_layers))
         self.decoder_norm = nn.LayerNorm(d)
         self.class_embed = nn.Linear(d, num_classes + 1)
         self.bbox_embed = MLP(d, d, 4, 3)
         self.criterion = SetCriterion(num_classes, cfg)
-        for module in (self.encoder, self.decoder):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
-        original_sizes = [tuple(img.shape[-2:]) for img in images]
-        batch, targets = self.transform(images, targets)
-        x = batch.tensors
+    def init_heads(self) -> None:
+        """Initialisation after the Xavier one (DETR: none)."""
+
+    def encode(self, x: torch.Tensor, image_sizes: list[tuple[int, int]]):
+        """Encoder memory (N, HW, d), the sine positional encoding (N, HW, d) and the padding (N, HW)."""
         padding = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
-        for i, (h, w) in enumerate(batch.image_sizes):
+        for i, (h, w) in enumerate(image_sizes):
             padding[i, :h, :w] = False
         features = self.backbone(x)
         padding = F.interpolate(padding[None].float(), size=features.shape[-2:])[0].bool()
@@ -258,14 +292,36 @@ class DETRModel(nn.Module):
         flat_padding = padding.flatten(1)
         for layer in self.encoder:
             memory = layer(memory, pos, flat_padding)
-        query_pos = self.query_embed.weight[None].expand(x.shape[0], -1, -1)
+        return memory, pos, flat_padding
+
+    def decode(self, memory: torch.Tensor, pos: torch.Tensor, padding: torch.Tensor):
+        """Class logits (L, N, Q, C+1) and boxes (L, N, Q, 4, normalised cx, cy, w, h) of every decoder layer."""
+        query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)
         states = []
         for layer in self.decoder:
-            tgt = layer(tgt, memory, pos, query_pos, flat_padding)
+            tgt = layer(tgt, memory, pos, query_pos, padding)
             states.append(self.decoder_norm(tgt))
         hs = torch.stack(states)  # (L, N, Q, d)
-        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+        return self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+
+    def detections(self, logits: torch.Tensor, boxes: torch.Tensor, sizes: torch.Tensor) -> list[dict]:
+        """Per image, the last layer's detections: a query's best class, ranked by its probability."""
+        prob = logits.float().softmax(-1)[..., :-1]
+        scores, labels = prob.max(-1)
+        pixel_boxes = _xyxy(boxes.float()) * sizes[:, None, :]
+        detections = []
+        for s, lab, b in zip(scores, labels, pixel_boxes, strict=True):
+            keep = torch.nonzero(s >= self.cfg.score_thresh).flatten()
+            keep = keep[s[keep].argsort(descending=True)][: self.cfg.detections_per_image]
+            detections.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
+        return detections
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch, targets = self.transform(images, targets)
+        x = batch.tensors
+        logits, boxes = self.decode(*self.encode(x, batch.image_sizes))
         sizes = torch.tensor([[w, h, w, h] for h, w in batch.image_sizes], dtype=torch.float32, device=x.device)
         if self.training:
             normalised = [
@@ -273,14 +329,7 @@ class DETRModel(nn.Module):
                 for i, t in enumerate(targets)
             ]
             return self.criterion(logits, boxes, normalised)
-        prob = logits[-1].float().softmax(-1)[..., :-1]
-        scores, labels = prob.max(-1)
-        pixel_boxes = _xyxy(boxes[-1].float()) * sizes[:, None, :]
-        detections = []
-        for s, lab, b in zip(scores, labels, pixel_boxes, strict=True):
-            keep = torch.nonzero(s >= self.cfg.score_thresh).flatten()
-            keep = keep[s[keep].argsort(descending=True)][: self.cfg.detections_per_image]
-            detections.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
+        detections = self.detections(logits[-1], boxes[-1], sizes)
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
 
@@ -291,4 +340,9 @@ class DETR(Detector):
     Config = DETRConfig
 
     def build(self, info: DatasetInfo) -> nn.Module:
+        if self.cfg.variant == "conditional":
+            # Imported here: it builds on this module.
+            from components.methods.conditional_detr import ConditionalDETRModel
+
+            return ConditionalDETRModel(self.cfg, info.num_classes, info.in_channels)
         return DETRModel(self.cfg, info.num_classes, info.in_channels)
