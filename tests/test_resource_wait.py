@@ -153,13 +153,28 @@ def test_behind_live_work_a_run_waits_past_its_resource_wait_and_then_trains(ray
             ray.kill(h)
         remove_placement_group(busy)
 
-    timer = threading.Timer(12, release)  # the live work ends after several resource waits
-    timer.start()
+    done = threading.Event()
+
+    def release_after_several_waits():
+        # The live work ends a few resource waits after the run asked for its workers: timed from
+        # the run's request, not from the test's start, so a slow start on a busy machine cannot
+        # let the run find its CPUs free.
+        deadline = time.monotonic() + 300
+        while not done.is_set() and time.monotonic() < deadline:
+            table = ray.util.placement_group_table().values()
+            if any(g["state"] == "PENDING" and g["placement_group_id"] != busy.id.hex() for g in table):
+                break
+            time.sleep(0.2)
+        done.wait(4 * 2)  # resource_wait_s is 2
+        release()
+
+    releaser = threading.Thread(target=release_after_several_waits)
+    releaser.start()
     try:
         out = train(spec, platform, tiny_dataset, tmp_path / "model", tmp_path / "results")
     finally:
-        timer.cancel()
-        timer.join()
+        done.set()
+        releaser.join()
     assert out.history and (tmp_path / "results" / "metrics.json").is_file()
     assert "still queued for {CPU: 2}" in capfd.readouterr().out
 
