@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,27 +15,17 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from components.data.canonical import DatasetInfo, read_info
+from components.data.canonical import read_info
 from components.data.loaders import ImageLabelDataset
 from components.methods import create_method
 from components.methods import npid as npid_module
 from components.tasks import get_task
 from components.tasks.representation import RepresentationEvaluator, weighted_knn
+from tests.test_representation import _info
+from tests.test_trainer import _CheckpointKeeper
 
 TINY_ENCODER = {"widths": [8, 16], "blocks": [1, 1]}
 NO_COLOUR = {"channel_shuffle": 0.0, "grayscale": 0.0, "invert": 0.0}
-
-
-def _info(train_images: int) -> DatasetInfo:
-    return DatasetInfo(
-        name="made_up",
-        root=Path("."),
-        classes=tuple("0123456789"),
-        in_channels=3,
-        image_size=(16, 16),
-        checksum="",
-        views={"crops": {"counts": {"train": {"images": train_images}}}},
-    )
 
 
 def _method(**overrides):
@@ -307,27 +296,13 @@ def test_bank_rows_map_to_the_train_labels_through_the_familys_loaders(tiny_para
 def test_a_run_reports_the_bank_knn_of_its_best_checkpoint_on_the_test_split(tiny_params, tiny_dataset):
     from components.training import hooks as H
     from components.training.loop import assemble
-    from components.training.sessions import LocalSession
     from components.training.spec import load_run_spec
-
-    class CheckpointKeeper(LocalSession):
-        """Keeps what each report's checkpoint holds (Ray Train would persist it)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.files: list[dict[str, bytes]] = []
-
-        def report(self, metrics, checkpoint=None):
-            super().report(metrics, checkpoint)
-            if checkpoint is not None:
-                with checkpoint.as_directory() as folder:
-                    self.files.append({p.name: p.read_bytes() for p in Path(folder).iterdir()})
 
     p = copy.deepcopy(tiny_params)
     p["runs"]["npid"]["training"].update(epochs=2)
     spec = load_run_spec(p, "npid")
     info = read_info(tiny_dataset)
-    session = CheckpointKeeper()
+    session = _CheckpointKeeper()
     hooks = [h for h in H.default_hooks("npid", None, 0, None, 0, score_test=True) if not isinstance(h, H.Resume)]
     trainer = assemble(spec.key, spec.create_method(), info, spec.training, session, hooks)
     trainer.train()
