@@ -45,6 +45,8 @@ class ClassifierConfig:
             raise ValueError("label_smoothing must be in [0, 1)")
         if self.input_size is not None and self.input_size < 8:
             raise ValueError("input_size must be >= 8 (or null)")
+        if self.input_size is not None and self.backbone is None:
+            raise ValueError("input_size applies to a classifier with `backbone` set")
 
 
 class ClassifierNet(nn.Module):
@@ -88,8 +90,6 @@ class Classifier(Method):
         if self.cfg.backbone is not None:
             body, channels = build_trunk(self.cfg.backbone, info.in_channels)
             return TrunkClassifierNet(body, channels[-1], info.num_classes, self.cfg.dropout, self.cfg.input_size)
-        if self.cfg.input_size is not None:
-            raise ValueError("input_size applies to a classifier with `backbone` set")
         backbone = SmallResNet(info.in_channels, tuple(self.cfg.widths), tuple(self.cfg.blocks), self.cfg.norm)
         return ClassifierNet(backbone, info.num_classes, self.cfg.dropout)
 
