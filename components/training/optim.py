@@ -48,24 +48,24 @@ _OUTPUT_DIM_0 = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def centralized_weights(model: nn.Module) -> dict[int, tuple[nn.Parameter, int]]:
-    """``id(weight) -> (weight, groups)`` for the weights Gradient Centralization acts on;
-    ``groups`` is that of a transposed conv (its output channels span dims 0 and 1), 0 for a weight
-    whose output channel is dim 0."""
-    out: dict[int, tuple[nn.Parameter, int]] = {}
+def centralized_weights(model: nn.Module) -> dict[int, int]:
+    """``id(weight) -> groups`` for the weights Gradient Centralization acts on: ``groups`` is that
+    of a transposed conv (its output channels span dims 0 and 1), 0 for a weight whose output
+    channel is dim 0."""
+    out: dict[int, int] = {}
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention):  # its q/k/v projections are raw (out, in) matrices
             for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 w = getattr(module, name, None)
                 if isinstance(w, nn.Parameter):
-                    out.setdefault(id(w), (w, 0))
+                    out.setdefault(id(w), 0)
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter):  # e.g. a weight computed by a parametrization
             continue
         if isinstance(module, _TRANSPOSED):
-            out.setdefault(id(weight), (weight, module.groups))
+            out.setdefault(id(weight), module.groups)
         elif isinstance(module, _OUTPUT_DIM_0):
-            out.setdefault(id(weight), (weight, 0))
+            out.setdefault(id(weight), 0)
     return out
 
 
@@ -82,10 +82,11 @@ def _centralize(grad: torch.Tensor, groups: int) -> None:
 @torch.no_grad()
 def centralize_gradients(model: nn.Module) -> None:
     """In place: ``g <- g - mean(g over each output channel)`` for the gradient of every conv,
-    transposed-conv and linear weight of ``model``."""
-    for weight, groups in centralized_weights(model).values():
-        if weight.grad is not None:
-            _centralize(weight.grad, groups)
+    transposed-conv, linear and attention-projection weight of ``model``."""
+    targets = centralized_weights(model)
+    for p in model.parameters():
+        if p.grad is not None and id(p) in targets:
+            _centralize(p.grad, targets[id(p)])
 
 
 def build_optimizer(
@@ -115,7 +116,7 @@ def build_optimizer(
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
     if cfg.gradient_centralization:
-        targets = {i: g for i, (_, g) in centralized_weights(model).items()}  # id -> transposed groups
+        targets = centralized_weights(model)  # id -> transposed groups
 
         @torch.no_grad()
         def _gc_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
