@@ -106,13 +106,21 @@ class NPIDNet(nn.Module):
         self.register_buffer("z_batches_seen", torch.zeros((), dtype=torch.long))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.encoder(images)).float(), dim=1)
+        return self.project(self.encoder(images))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised embedding ``f`` of the encoder's pooled features."""
+        return F.normalize(self.head(pooled).float(), dim=1)
+
+    def scored(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The features the family's protocols score (``eval_features``)."""
+        return pooled if self.cfg.eval_features == "encoder" else self.project(pooled)
 
     def forward(self, images: torch.Tensor, index: torch.Tensor | None = None):
         """Scored features of ``images``; with ``index`` (their bank slots), the losses as a dict,
         and the Z estimate and bank update as side effects."""
         if index is None:
-            return self.encoder(images) if self.cfg.eval_features == "encoder" else self.embed(images)
+            return self.scored(self.encoder(images))
         cfg, n = self.cfg, self.bank.shape[0]
         f = self.embed(images)
         previous = self.bank[index]  # v^(t-1) of the batch (a copy: the update below is safe)
@@ -134,12 +142,11 @@ class NPIDNet(nn.Module):
         """The scored features of ``images`` and, under ``bank``, the paper's kNN features: a
         query's embedding ``f``, a train image's bank entry ``v_index`` (its slot in the bank)."""
         pooled = self.encoder(images)
-        f = F.normalize(self.head(pooled).float(), dim=1)
-        scored = pooled if self.cfg.eval_features == "encoder" else f
+        f = self.project(pooled)
         is_query = is_query.bool()
         slot = torch.where(is_query, 0, index)  # a query's index is in its own split, not the bank
         bank = torch.where(is_query[:, None], f, self.bank[slot].to(f.dtype))
-        return {"features": scored, "bank": bank}
+        return {"features": self.scored(pooled), "bank": bank}
 
     @torch.no_grad()
     def update_z(self, s_noise: torch.Tensor, n: int) -> torch.Tensor:

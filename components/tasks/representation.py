@@ -93,6 +93,16 @@ def linear_probe(
     return (xt @ weight + bias).argmax(dim=1)
 
 
+def split_predictions(
+    predictions: torch.Tensor | dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A method's predictions as the scored features and the extra named feature sets (see above)."""
+    if not isinstance(predictions, dict):
+        return predictions, {}
+    extra = dict(predictions)
+    return extra.pop("features"), extra
+
+
 class RepresentationEvaluator(Evaluator):
     """kNN and linear-probe top-1 of the queries against the reference (train) features, and the
     kNN top-1 of each extra feature set a method's predictions carry."""
@@ -104,8 +114,7 @@ class RepresentationEvaluator(Evaluator):
     def update(self, predictions: torch.Tensor | dict[str, torch.Tensor], batch) -> None:
         """``predictions``: features (N, D) of ``batch = (images, labels, is_query, ...)``, or a
         dict of them (``features``) and extra named feature sets of the same N rows."""
-        extra = dict(predictions) if isinstance(predictions, dict) else {"features": predictions}
-        features = extra.pop("features")
+        features, extra = split_predictions(predictions)
         self.parts.append(
             (
                 features.detach().float().cpu(),
@@ -195,8 +204,7 @@ class Representation(TaskFamily):
 
     def sample_figure(self, sample: tuple[Any, Any], classes: tuple[str, ...], path: Path) -> None:
         batch, predictions = sample
-        features = predictions["features"] if isinstance(predictions, dict) else predictions
-        neighbour_figure(batch[0], batch[1], features, classes, path)
+        neighbour_figure(batch[0], batch[1], split_predictions(predictions)[0], classes, path)
 
 
 REPRESENTATION = register_task(Representation())
